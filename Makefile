@@ -1,0 +1,44 @@
+# The two commands of the quick start: `make demo` and `make test`.
+# Each creates .venv in the repo when missing and installs what it needs.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU build that lies on the development machines' disk.  Elsewhere,
+# override it: `make test TORCH_SPEC=torch` takes whatever pip finds.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all lint format bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,plot,regrid]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/xorbit demo
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

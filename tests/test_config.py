@@ -1,0 +1,79 @@
+import pytest
+
+from xorbit import Reslim, ReslimConfig
+from xorbit.model.config import REFERENCE_IN_VARS, REFERENCE_OUT_VARS, REFERENCE_STATIC_VARS
+
+
+def test_reference_variables_are_23_in_3_out():
+    assert len(REFERENCE_IN_VARS) == 23
+    assert len(set(REFERENCE_IN_VARS)) == 23
+    assert set(REFERENCE_OUT_VARS) <= set(REFERENCE_IN_VARS)
+    assert list(REFERENCE_IN_VARS[:4]) == list(REFERENCE_STATIC_VARS)
+
+
+@pytest.mark.parametrize(("preset", "target"), [("9.5m", 9.5e6), ("126m", 126e6)])
+def test_preset_parameter_counts_match_paper(preset, target):
+    # 23 inputs, 3 outputs, 180 x 360 input grid: the position table is counted.
+    cfg = ReslimConfig.preset(preset, img_size=(180, 360))
+    assert len(cfg.in_vars) == 23 and len(cfg.out_vars) == 3
+    n = Reslim(cfg).num_params()
+    assert abs(n - target) / target < 0.02, n
+    # the position table alone: (90 * 180) tokens x embed_dim, frozen
+    assert Reslim(cfg).pos_embed.numel() == 90 * 180 * cfg.embed_dim
+
+
+def test_exact_parameter_count_of_9_5m():
+    # hand count: see docs/model.md
+    assert Reslim(ReslimConfig.preset("9.5m", img_size=(180, 360))).num_params() == 9_501_571
+
+
+def test_preset_fields_follow_the_paper_table():
+    c = ReslimConfig.preset("126m", factor=2, in_vars=["a", "b"], out_vars=["a"])
+    assert (c.embed_dim, c.depth, c.decoder_depth, c.num_heads) == (1024, 8, 4, 16)
+    assert (c.patch_size, c.cnn_ratio, c.mlp_ratio, c.drop_path, c.drop_rate) == (
+        2,
+        4,
+        4.0,
+        0.1,
+        0.1,
+    )
+    assert c.factor == 2 and c.lr == 5e-4
+    assert ReslimConfig.preset("10b").embed_dim == 8192
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(KeyError, match=r"known presets: \['10b', '126m', '1b', '9.5m', 'tiny'\]"):
+        ReslimConfig.preset("2b")
+
+
+def test_dict_and_yaml_round_trip():
+    c = ReslimConfig.preset(
+        "tiny", in_vars=["t", "z"], out_vars=["t"], static_vars=["z"], var_weights={"t": 10.0}
+    )
+    assert ReslimConfig.from_dict(c.to_dict()) == c
+    assert ReslimConfig.from_yaml(c.to_yaml()) == c
+    assert isinstance(ReslimConfig.from_yaml(c.to_yaml()).img_size, tuple)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(in_vars=["a"], out_vars=["b"]), r"\['b'\] feed the residual path"),
+        (dict(in_vars=["a"], out_vars=["a"], static_vars=["z"]), r"\['z'\] feed the residual"),
+        (dict(in_vars=["a", "a"], out_vars=["a"]), r"in_vars lists \['a'\] more than once"),
+        (dict(in_vars=["a"], out_vars=["a"], embed_dim=30, num_heads=4), "not divisible"),
+        (dict(in_vars=["a"], out_vars=["a"], unpatchify="flat"), "unpatchify must be"),
+        (dict(in_vars=[], out_vars=["a"]), "in_vars is empty"),
+        (dict(in_vars=["a"], out_vars=["a"], var_weights={"q": 1}), r"non-output .*\['q'\]"),
+    ],
+)
+def test_invalid_configs_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ReslimConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = ReslimConfig(in_vars=["a"], out_vars=["a"]).to_dict()
+    d["superres_mag"] = 4
+    with pytest.raises(ValueError, match=r"unknown keys \['superres_mag'\]"):
+        ReslimConfig.from_dict(d)

@@ -1,0 +1,10 @@
+"""xorbit: ORBIT-2 climate downscaling (Reslim + TILES) for xarray.
+
+Importing the package registers the ``.orbit`` accessor on DataArray and Dataset.
+"""
+
+from ._version import __version__
+from .downscaler import Downscaler, load
+from .model import CheckpointError, Reslim, ReslimConfig
+
+__all__ = ["CheckpointError", "Downscaler", "Reslim", "ReslimConfig", "__version__", "load"]

@@ -1,0 +1,164 @@
+"""`Downscaler`: a Reslim model with everything needed to apply it to real fields.
+
+A bare model maps normalized tensors to normalized tensors.  A `Downscaler`
+adds the per-variable normalization statistics, the units the model works in,
+the CF attributes of its outputs and which outputs are physically non-negative.
+It is what `xorbit.train` returns, what `.orbit.downscale` takes and what
+`save` / `xorbit.load` write and read (one safetensors file, no pickle).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .model.checkpoint import load_checkpoint, save_checkpoint, weights_hash
+from .model.config import ReslimConfig
+from .model.reslim import Reslim
+
+__all__ = ["Downscaler", "load"]
+
+
+@dataclass
+class Downscaler:
+    """A trained (or freshly initialized) model plus its variable metadata.
+
+    Parameters
+    ----------
+    model
+        The `Reslim` network.
+    mean, std
+        Normalization per variable name (every input variable).
+    units
+        Units string per variable as the model sees them (``None``: unknown).
+    attrs
+        CF attributes (``standard_name``, ``long_name``, ...) per output variable,
+        copied onto downscaled results.
+    nonnegative
+        Output variables clamped at zero after denormalization (precipitation).
+    """
+
+    model: Reslim
+    mean: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
+    units: dict[str, str | None] = field(default_factory=dict)
+    attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nonnegative: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for v in self.config.in_vars:
+            self.mean.setdefault(v, 0.0)
+            self.std.setdefault(v, 1.0)
+            self.units.setdefault(v, None)
+        bad = [v for v, s in self.std.items() if not (np.isfinite(s) and s > 0)]
+        if bad:
+            raise ValueError(f"Downscaler: std must be finite and > 0; not so for {bad}")
+        unknown = sorted(set(self.nonnegative) - set(self.config.out_vars))
+        if unknown:
+            raise ValueError(f"Downscaler: nonnegative names non-output variables {unknown}")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def config(self) -> ReslimConfig:
+        return self.model.config
+
+    @property
+    def factor(self) -> int:
+        return self.config.factor
+
+    @property
+    def in_vars(self) -> list[str]:
+        return list(self.config.in_vars)
+
+    @property
+    def out_vars(self) -> list[str]:
+        return list(self.config.out_vars)
+
+    @property
+    def weights_sha256(self) -> str:
+        """Hash of the weights: identifies the model in output file histories."""
+        return weights_hash(self.model.state_dict())
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"<xorbit.Downscaler x{c.factor} {c.in_vars} -> {c.out_vars}, "
+            f"{self.model.num_params() / 1e6:.2f}M parameters>"
+        )
+
+    # ------------------------------------------------------------------ numerics
+    def normalize(self, x: np.ndarray, variables: Sequence[str], axis: int = -3) -> np.ndarray:
+        """``(x - mean) / std`` per variable along ``axis`` (float32)."""
+        m, s = self._stats(variables, x.ndim, axis)
+        return ((x - m) / s).astype(np.float32, copy=False)
+
+    def denormalize(self, y: np.ndarray, variables: Sequence[str], axis: int = -3) -> np.ndarray:
+        """Inverse of `normalize`; clamps non-negative variables at zero."""
+        m, s = self._stats(variables, y.ndim, axis)
+        out = y * s + m
+        neg = [i for i, v in enumerate(variables) if v in self.nonnegative]
+        if neg:
+            idx = [slice(None)] * out.ndim
+            idx[axis] = neg
+            out[tuple(idx)] = np.maximum(out[tuple(idx)], 0)
+        return out
+
+    def _stats(self, variables: Sequence[str], ndim: int, axis: int) -> tuple[np.ndarray, ...]:
+        shape = [1] * ndim
+        shape[axis] = len(variables)
+        m = np.array([self.mean[v] for v in variables], dtype=np.float32).reshape(shape)
+        s = np.array([self.std[v] for v in variables], dtype=np.float32).reshape(shape)
+        return m, s
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(
+        cls, config: ReslimConfig, *, seed: int | None = 0, **kwargs: Any
+    ) -> Downscaler:
+        """A Downscaler around a freshly initialized model (seeded)."""
+        if seed is not None:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = Reslim(config)
+        else:
+            model = Reslim(config)
+        return cls(model=model.eval(), **kwargs)
+
+    # ------------------------------------------------------------------ files
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "mean": {k: float(v) for k, v in self.mean.items()},
+            "std": {k: float(v) for k, v in self.std.items()},
+            "units": dict(self.units),
+            "attrs": {k: dict(v) for k, v in self.attrs.items()},
+            "nonnegative": list(self.nonnegative),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write weights and metadata to one safetensors file, atomically."""
+        return save_checkpoint(path, self.model, extra=self.metadata())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str = "cpu") -> Downscaler:
+        """Read a file written by `save` (no pickle involved)."""
+        model, meta = load_checkpoint(path, map_location=map_location)
+        extra: Mapping[str, Any] = meta.get("extra", {})
+        return cls(
+            model=model,
+            mean=dict(extra.get("mean", {})),
+            std=dict(extra.get("std", {})),
+            units=dict(extra.get("units", {})),
+            attrs={k: dict(v) for k, v in extra.get("attrs", {}).items()},
+            nonnegative=list(extra.get("nonnegative", [])),
+        )
+
+
+def load(path: str | os.PathLike, map_location: str = "cpu") -> Downscaler:
+    """Load a `Downscaler` saved with ``Downscaler.save``."""
+    return Downscaler.load(path, map_location=map_location)

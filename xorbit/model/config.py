@@ -1,0 +1,238 @@
+"""Hyper-parameters of a Reslim model, as data.
+
+`ReslimConfig` holds every hyper-parameter of the ORBIT-2 reference model plus the
+names of the variables it reads and writes.  Presets ("9.5m", "126m", "1b", "10b")
+are plain dictionaries of overrides, not subclasses, so a config round-trips through
+dict / YAML / JSON without loss and a checkpoint can rebuild its model from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+__all__ = ["PRESETS", "REFERENCE_IN_VARS", "REFERENCE_OUT_VARS", "ReslimConfig"]
+
+# The 23 inputs and 3 outputs of the published ORBIT-2 configurations, the four
+# static fields first.  Useful for presets that should match the reference counts.
+REFERENCE_STATIC_VARS = ("land_sea_mask", "orography", "lattitude", "landcover")
+REFERENCE_IN_VARS = (
+    *REFERENCE_STATIC_VARS,
+    "2m_temperature",
+    "2m_temperature_max",
+    "2m_temperature_min",
+    *(
+        f"{v}_{lev}"
+        for v in (
+            "temperature",
+            "u_component_of_wind",
+            "v_component_of_wind",
+            "specific_humidity",
+        )
+        for lev in (200, 500, 850)
+    ),
+    "10m_u_component_of_wind",
+    "10m_v_component_of_wind",
+    "total_precipitation_24hr",
+    "volumetric_soil_water_layer_1",
+)
+REFERENCE_OUT_VARS = ("total_precipitation_24hr", "2m_temperature_min", "2m_temperature_max")
+
+# Preset overrides.  Width, depth and heads follow the paper's table; the learning
+# rate and batch size are the reference training defaults for each size.
+PRESETS: dict[str, dict[str, Any]] = {
+    "9.5m": dict(embed_dim=256, depth=6, decoder_depth=4, num_heads=4, lr=2e-3, batch_size=32),
+    "126m": dict(embed_dim=1024, depth=8, decoder_depth=4, num_heads=16, lr=5e-4, batch_size=8),
+    "1b": dict(embed_dim=3072, depth=8, decoder_depth=4, num_heads=24, lr=5e-4, batch_size=4),
+    "10b": dict(embed_dim=8192, depth=11, decoder_depth=4, num_heads=32, lr=5e-4, batch_size=1),
+    # Not in the paper: a model small enough to train on a laptop CPU in minutes.
+    "tiny": dict(embed_dim=64, depth=2, decoder_depth=1, num_heads=4, lr=2e-3, batch_size=16),
+}
+
+Unpatchify = Literal["local", "reference"]
+
+
+@dataclass
+class ReslimConfig:
+    """Every hyper-parameter of a Reslim model.
+
+    Parameters
+    ----------
+    in_vars
+        Names of the input channels the model knows, static fields included.
+        A forward pass may use any subset of them, in any order.
+    out_vars
+        Names of the predicted variables.  Each must also be an input: the
+        residual path starts from the coarse field of the same variable.
+    static_vars
+        Inputs (a subset of ``in_vars``) that also feed the residual path, e.g.
+        land-sea mask and orography.  The reference uses four.
+    factor
+        Refinement factor ``k`` between the coarse and the fine grid
+        (``superres_mag`` in the reference).
+    img_size
+        Coarse grid ``(ny, nx)`` the model is trained on: sets the size of the
+        position-embedding table, which is resized for other grids.
+    res_km
+        Grid spacing of the coarse input in km, fed to the resolution embedding.
+    unpatchify
+        ``"local"`` maps token (i, j) to the fine block above its own patch (use it
+        for models trained with xorbit: it suits tiling); ``"reference"``
+        reproduces the non-local layout of the published code, needed to load
+        published weights.
+    lr, batch_size, weight_decay, warmup_epochs, tv_lambda, var_weights
+        Training defaults carried with the model so that a preset is complete.
+    """
+
+    in_vars: list[str]
+    out_vars: list[str]
+    static_vars: list[str] = field(default_factory=list)
+    factor: int = 4
+    img_size: tuple[int, int] = (32, 64)
+    patch_size: int = 2
+    cnn_ratio: int = 4
+    embed_dim: int = 256
+    depth: int = 6
+    decoder_depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    drop_rate: float = 0.1
+    res_km: float = 111.0
+    learn_pos_embed: bool = False
+    unpatchify: Unpatchify = "local"
+    # training defaults
+    lr: float = 2e-3
+    batch_size: int = 32
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 2
+    tv_lambda: float = 0.02
+    var_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.in_vars = list(self.in_vars)
+        self.out_vars = list(self.out_vars)
+        self.static_vars = list(self.static_vars)
+        self.img_size = tuple(int(s) for s in self.img_size)  # YAML gives lists
+        self.var_weights = dict(self.var_weights)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent hyper-parameter."""
+        if not self.in_vars:
+            raise ValueError("ReslimConfig: in_vars is empty; name at least one input variable")
+        if not self.out_vars:
+            raise ValueError("ReslimConfig: out_vars is empty; name at least one output variable")
+        for name, names in (("in_vars", self.in_vars), ("out_vars", self.out_vars)):
+            dup = sorted({v for v in names if names.count(v) > 1})
+            if dup:
+                raise ValueError(f"ReslimConfig: {name} lists {dup} more than once")
+        missing = [v for v in self.out_vars + self.static_vars if v not in self.in_vars]
+        if missing:
+            raise ValueError(
+                f"ReslimConfig: variables {missing} feed the residual path but are not in "
+                f"in_vars {self.in_vars}; every output and static variable must be an input"
+            )
+        both = [v for v in self.static_vars if v in self.out_vars]
+        if both:
+            raise ValueError(f"ReslimConfig: {both} cannot be both static and output variables")
+        for name in ("factor", "patch_size", "cnn_ratio", "embed_dim", "depth", "num_heads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ReslimConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.decoder_depth < 0:
+            raise ValueError(f"ReslimConfig: decoder_depth must be >= 0, got {self.decoder_depth}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"ReslimConfig: embed_dim={self.embed_dim} is not divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if len(self.img_size) != 2 or min(self.img_size) < 1:
+            raise ValueError(f"ReslimConfig: img_size must be (ny, nx) >= 1, got {self.img_size}")
+        if self.unpatchify not in ("local", "reference"):
+            raise ValueError(
+                f"ReslimConfig: unpatchify must be 'local' or 'reference', got {self.unpatchify!r}"
+            )
+        unknown = sorted(set(self.var_weights) - set(self.out_vars))
+        if unknown:
+            raise ValueError(f"ReslimConfig: var_weights names non-output variables {unknown}")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(
+        cls,
+        name: str,
+        *,
+        factor: int = 4,
+        in_vars: Sequence[str] | None = None,
+        out_vars: Sequence[str] | None = None,
+        static_vars: Sequence[str] | None = None,
+        **overrides: Any,
+    ) -> ReslimConfig:
+        """A config of one of the published sizes.
+
+        Parameters
+        ----------
+        name
+            ``"9.5m"``, ``"126m"``, ``"1b"``, ``"10b"`` (the paper's sizes) or
+            ``"tiny"`` (a CPU-friendly model for demos and tests).
+        factor
+            Refinement factor.
+        in_vars, out_vars, static_vars
+            Variable names.  Left out, they default to the reference's 23 inputs,
+            3 outputs and 4 static fields.
+        **overrides
+            Any other field of `ReslimConfig`.
+
+        Raises
+        ------
+        KeyError
+            For an unknown preset name; the message lists the known ones.
+        """
+        key = str(name).lower()
+        if key not in PRESETS:
+            raise KeyError(f"unknown Reslim preset {name!r}; known presets: {sorted(PRESETS)}")
+        if in_vars is None:
+            in_vars = REFERENCE_IN_VARS
+            static_vars = REFERENCE_STATIC_VARS if static_vars is None else static_vars
+        if out_vars is None:
+            out_vars = REFERENCE_OUT_VARS
+        params = {**PRESETS[key], **overrides}
+        return cls(
+            in_vars=list(in_vars),
+            out_vars=list(out_vars),
+            static_vars=list(static_vars or ()),
+            factor=factor,
+            **params,
+        )
+
+    # ------------------------------------------------------------------ round trips
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-safe dictionary of every field."""
+        d = dataclasses.asdict(self)
+        d["img_size"] = list(self.img_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReslimConfig:
+        """Inverse of `to_dict`; unknown keys raise a ``ValueError`` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ReslimConfig: unknown keys {unknown}; known keys: {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> ReslimConfig:
+        return cls.from_dict(yaml.safe_load(text))
+
+    def replace(self, **changes: Any) -> ReslimConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

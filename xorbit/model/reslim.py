@@ -1,0 +1,349 @@
+"""Reslim: the residual slim vision transformer of ORBIT-2, in plain torch.
+
+Reads top to bottom: building blocks, the model, its weight initialisation.
+The model maps normalized coarse fields ``[B, V_in, h, w]`` to normalized fine
+fields ``[B, V_out, h*k, w*k]``.  It knows nothing of xarray, units or tiles.
+
+Parameter names follow the published ``model_state_dict`` so that reference
+checkpoints load with ``unpatchify="reference"`` (see `xorbit.model.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ReslimConfig
+
+__all__ = ["Reslim", "sincos_pos_embed_2d", "unpatchify"]
+
+
+# --------------------------------------------------------------------------- blocks
+def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine position table ``[grid_h * grid_w, embed_dim]``.
+
+    Half of the channels encode the row, half the column (MAE / ClimaX recipe).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embedding needs embed_dim % 4 == 0, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(
+        np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij"
+    )
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # the column code first, then the row code, as in the reference
+    return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+
+
+def unpatchify(
+    pixels: torch.Tensor, grid: tuple[int, int], n_out: int, k: int, p: int, layout: str
+) -> torch.Tensor:
+    """Head output ``[B, L, n_out*(k p)^2]`` on a token ``grid`` → ``[B, n_out, H k, W k]``.
+
+    ``layout="local"``: token (i, j) fills the ``(k p) x (k p)`` fine block above
+    its own patch.  ``layout="reference"``: the published code's flat reshape to
+    ``[B, H k/p, W k/p, p, p, n_out]``, where consecutive tokens fill consecutive
+    ``p x p`` patches along fine rows — not above their own input patch.
+    """
+    b = pixels.shape[0]
+    gh, gw = grid
+    if layout == "local":
+        out = pixels.reshape(b, gh, gw, k * p, k * p, n_out)
+    elif layout == "reference":
+        out = pixels.reshape(b, gh * k, gw * k, p, p, n_out)
+    else:
+        raise ValueError(f"unknown unpatchify layout {layout!r}; use 'local' or 'reference'")
+    return torch.einsum("nhwpqc->nchpwq", out).reshape(b, n_out, gh * k * p, gw * k * p)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class PatchEmbed(nn.Module):
+    """One variable's ``[B, 1, h, w]`` image → ``[B, L, D]`` tokens."""
+
+    def __init__(self, patch_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VariableAggregation(nn.Module):
+    """Cross-attention from one learnt query over the variable tokens of each patch."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # query [1, 1, D]; x [N, V, D] with N = batch * tokens
+        n, v, d = x.shape
+        h = self.num_heads
+        q = self.q(query).expand(n, -1, -1).reshape(n, 1, h, d // h).transpose(1, 2)
+        k, val = self.kv(x).reshape(n, v, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, val)  # [N, h, 1, d/h]
+        return self.proj(out.transpose(1, 2).reshape(n, d))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the tokens of one tile."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm naming)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# --------------------------------------------------------------------------- model
+class Reslim(nn.Module):
+    """Residual slim ViT for k-fold downscaling.
+
+    ``forward(x, variables)`` takes normalized coarse fields ``x [B, C, h, w]``
+    whose channels are named by ``variables`` (any subset of ``config.in_vars``,
+    in any order, but holding every output and static variable) and returns
+    normalized fine fields ``[B, len(config.out_vars), h*k, w*k]``.  Any ``h, w``
+    work: the input is padded to a multiple of the patch size and the output
+    cropped back.
+
+    The output is ``forward_head(forward_encoder(x)) + residual(x)``; each stage
+    is a method of its own so that it can be tested and reused.
+    """
+
+    def __init__(self, config: ReslimConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        d, p, k = c.embed_dim, c.patch_size, c.factor
+        n_out = len(c.out_vars)
+        self._var_index = {v: i for i, v in enumerate(c.in_vars)}
+
+        # encoder
+        self.token_embeds = nn.ModuleList(PatchEmbed(p, d) for _ in c.in_vars)
+        self.var_embed = nn.Parameter(torch.zeros(1, len(c.in_vars), d))
+        self.var_query = nn.Parameter(torch.zeros(1, 1, d))
+        self.var_agg = VariableAggregation(d, c.num_heads)
+        gh, gw = self.token_grid(c.img_size)
+        self.pos_embed = nn.Parameter(
+            torch.from_numpy(sincos_pos_embed_2d(d, gh, gw)).unsqueeze(0),
+            requires_grad=c.learn_pos_embed,
+        )
+        self.spatial_embed = nn.Linear(1, d)  # resolution embedding, input in km
+        self.pos_drop = nn.Dropout(c.drop_rate)
+        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(d, c.num_heads, c.mlp_ratio, c.drop_rate, r) for r in rates
+        )
+        self.norm = nn.LayerNorm(d)
+
+        # head: decoder_depth x (Linear + GELU), then one Linear to the pixels
+        layers: list[nn.Module] = []
+        for _ in range(c.decoder_depth):
+            layers += [nn.Linear(d, d), nn.GELU()]
+        layers.append(nn.Linear(d, n_out * (k * p) ** 2))
+        self.head = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(n_out, n_out, kernel_size=3, padding=1)
+
+        # residual path: a learnt PixelShuffle upsampler of the outputs + statics
+        n_res = n_out + len(c.static_vars)
+        self.path2 = nn.Sequential(
+            nn.Conv2d(n_res, c.cnn_ratio * k * k, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.PixelShuffle(k),
+            nn.Conv2d(c.cnn_ratio, n_out, kernel_size=3, padding=1),
+        )
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.var_embed, std=0.02)
+        nn.init.trunc_normal_(self.var_query, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ helpers
+    def token_grid(self, shape: Sequence[int]) -> tuple[int, int]:
+        """Token grid of a coarse ``(h, w)`` after padding to the patch size."""
+        p = self.config.patch_size
+        return -(-int(shape[0]) // p), -(-int(shape[1]) // p)
+
+    def channel_indices(self, variables: Sequence[str], wanted: Sequence[str]) -> list[int]:
+        """Positions in ``variables`` of each name in ``wanted`` (KeyError if absent)."""
+        pos = {v: i for i, v in enumerate(variables)}
+        missing = [v for v in wanted if v not in pos]
+        if missing:
+            raise KeyError(
+                f"Reslim needs input variables {missing}, which are not among the given "
+                f"variables {list(variables)}"
+            )
+        return [pos[v] for v in wanted]
+
+    def _check_input(self, x: torch.Tensor, variables: Sequence[str]) -> list[str]:
+        variables = list(variables)
+        if x.ndim != 4:
+            raise ValueError(f"Reslim expects x of shape [B, C, h, w], got {tuple(x.shape)}")
+        if x.shape[1] != len(variables):
+            raise ValueError(
+                f"x has {x.shape[1]} channels but {len(variables)} variable names were given: "
+                f"{variables}"
+            )
+        unknown = [v for v in variables if v not in self._var_index]
+        if unknown:
+            raise KeyError(
+                f"variables {unknown} are unknown to this model; it was built for "
+                f"{self.config.in_vars}"
+            )
+        if len(set(variables)) != len(variables):
+            raise ValueError(f"variables names repeat: {variables}")
+        return variables
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.config.patch_size
+        ph, pw = (-x.shape[-2]) % p, (-x.shape[-1]) % p
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return x
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table for a token grid, resized bicubically if needed."""
+        train_grid = self.token_grid(self.config.img_size)
+        pe = self.pos_embed
+        if tuple(grid) == train_grid:
+            return pe
+        d = pe.shape[-1]
+        pe = pe.reshape(1, *train_grid, d).permute(0, 3, 1, 2)
+        pe = F.interpolate(pe, size=grid, mode="bicubic", align_corners=False)
+        return pe.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d)
+
+    # ------------------------------------------------------------------ stages
+    def forward_encoder(
+        self, x: torch.Tensor, variables: Sequence[str], res_km: float | None = None
+    ) -> torch.Tensor:
+        """Padded coarse fields → normalized tokens ``[B, L, D]``."""
+        b = x.shape[0]
+        grid = self.token_grid(x.shape[-2:])
+        idx = [self._var_index[v] for v in variables]
+        tokens = torch.stack(
+            [self.token_embeds[j](x[:, i : i + 1]) for i, j in enumerate(idx)], dim=1
+        )  # [B, V, L, D]
+        tokens = tokens + self.var_embed[:, idx].unsqueeze(2)
+        n_var, n_tok, d = tokens.shape[1:]
+        tokens = tokens.transpose(1, 2).reshape(b * n_tok, n_var, d)
+        tokens = self.var_agg(self.var_query, tokens).reshape(b, n_tok, d)
+        tokens = tokens + self.position_embedding(grid).to(tokens.dtype)
+        res = self.config.res_km if res_km is None else res_km
+        res_t = torch.full((1, 1), float(res), device=x.device, dtype=tokens.dtype)
+        tokens = tokens + self.spatial_embed(res_t).unsqueeze(0)
+        tokens = self.pos_drop(tokens)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self.norm(tokens)
+
+    def forward_head(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Tokens ``[B, L, D]`` on a ``grid`` of patches → fine fields (padded size)."""
+        c = self.config
+        out = unpatchify(
+            self.head(tokens), grid, len(c.out_vars), c.factor, c.patch_size, c.unpatchify
+        )
+        return self.conv_out(out)
+
+    def residual(self, x: torch.Tensor, variables: Sequence[str]) -> torch.Tensor:
+        """The learnt upsampling of the output and static variables' coarse fields."""
+        c = self.config
+        idx = self.channel_indices(variables, c.out_vars + c.static_vars)
+        return self.path2(x[:, idx])
+
+    def forward(
+        self, x: torch.Tensor, variables: Sequence[str] | None = None, res_km: float | None = None
+    ) -> torch.Tensor:
+        """Normalized coarse ``[B, C, h, w]`` → normalized fine ``[B, V_out, h k, w k]``.
+
+        Parameters
+        ----------
+        x
+            Coarse fields, channels named by ``variables``.
+        variables
+            Channel names; defaults to ``config.in_vars``.
+        res_km
+            Coarse grid spacing in km for the resolution embedding; defaults to
+            ``config.res_km``.
+        """
+        variables = self._check_input(x, self.config.in_vars if variables is None else variables)
+        h, w = x.shape[-2:]
+        k = self.config.factor
+        self.channel_indices(variables, self.config.out_vars + self.config.static_vars)
+        xp = self._pad(x)
+        grid = self.token_grid(xp.shape[-2:])
+        out = self.forward_head(self.forward_encoder(xp, variables, res_km), grid)
+        out = out + self.residual(xp, variables)
+        return out[..., : h * k, : w * k]
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
