@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from xorbit import ReslimConfig
+from xorbit import Downscaler, ReslimConfig
+from xorbit.model.loss import bayesian_tv_loss
 
 
 def tiny_config(**overrides) -> ReslimConfig:
@@ -52,3 +54,30 @@ def smooth_field(ny: int, nx: int, nt: int = 1) -> np.ndarray:
         for t in range(nt)
     ]
     return np.stack(out).astype(np.float32)
+
+
+def briefly_trained_downscaler(steps: int = 150, seed: int = 1) -> Downscaler:
+    """A one-variable x4 model fitted for a second to smooth power-law fields.
+
+    Good enough that its output follows the input (so that tile seams would show
+    as steps), far from a good downscaler.
+    """
+    cfg = tiny_config(in_vars=["tas"], out_vars=["tas"], static_vars=[], img_size=(8, 8))
+    dsr = Downscaler.from_config(
+        cfg, seed=seed, mean={"tas": 280.0}, std={"tas": 10.0}, units={"tas": "K"}
+    )
+    model = dsr.model.train()
+    gen = torch.Generator().manual_seed(seed)
+    fine = torch.from_numpy(powerlaw_field((256, 32, 32), slope=4, seed=seed))[:, None]
+    coarse = torch.nn.functional.avg_pool2d(fine, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            i = torch.randint(0, fine.shape[0], (16,), generator=gen)
+            loss = bayesian_tv_loss(model(coarse[i], ["tas"]), fine[i], lam=0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return dsr

@@ -3,6 +3,7 @@
 Importing the package registers the ``.orbit`` accessor on DataArray and Dataset.
 """
 
+from . import accessor  # noqa: F401  (registers the .orbit accessors)
 from ._version import __version__
 from .downscaler import Downscaler, load
 from .model import CheckpointError, Reslim, ReslimConfig

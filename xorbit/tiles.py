@@ -1,0 +1,304 @@
+"""TILES: the tile plan, its blend weights, and split / merge / fold of plain arrays.
+
+No xarray and no torch here: numpy arrays in, numpy arrays out.
+
+**The tile grid is global.**  Along each horizontal axis of ``size`` coarse pixels,
+tile cores start at ``0, tile, 2 tile, ...``; when ``size`` is not a multiple of
+``tile`` one more tile is shifted inward to end at ``size`` (as in the ORBIT-2
+reference), so every tile has the same shape.  Each tile is read with a ``halo``
+of context on every side: its *window* is ``[start - halo, start + tile + halo)``.
+Because the plan depends only on the whole array's size, a pixel's value never
+depends on how the array is chunked.
+
+**Blending, not cropping.**  Each tile's fine prediction is weighted by a
+separable ramp, ``sin²`` rising over ``2 halo`` coarse pixels from each window
+edge; where two regular windows overlap the two ramps are ``sin²`` and ``cos²``
+of the same angle, so they sum to one.  Weights are then divided by the sum over
+all tiles, so they form an exact partition of unity everywhere (also around the
+shifted tile, at the domain edges, and across the wrap of a periodic axis).  A
+domain edge of a non-periodic axis has no neighbour to blend with: there the
+ramp is one.
+
+**Blocks.**  The array may be cut into blocks along tile boundaries (Dask
+chunks).  A block ``[a, b)`` *owns* the tiles whose core starts in it; their
+windows lie inside ``[a - halo, b + halo)``, so a block needs only ``halo`` of
+context (`split`).  Its weighted predictions cover ``[a - halo, b + halo)`` at fine
+resolution (`merge`): a *partial* whose outer ``halo * factor`` strips belong to
+the neighbours.  `fold` adds the neighbours' strips into a block's core, which
+gives the final field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["AxisPlan", "TilePlan", "apply_tiled", "block_chunks", "fold", "merge", "split"]
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """The tiles along one axis.
+
+    Parameters
+    ----------
+    size
+        Number of coarse pixels along the axis.
+    tile
+        Core length of a tile; reduced to ``size`` when the axis is shorter.
+    halo
+        Context on each side of a core; reduced to ``size`` when larger.
+    periodic
+        Whether the axis wraps around (a global longitude).
+    """
+
+    size: int
+    tile: int
+    halo: int
+    periodic: bool = False
+    starts: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"tile plan: axis size must be >= 1, got {self.size}")
+        if self.tile < 1:
+            raise ValueError(f"tile plan: tile must be >= 1, got {self.tile}")
+        if self.halo < 0:
+            raise ValueError(f"tile plan: halo must be >= 0, got {self.halo}")
+        object.__setattr__(self, "tile", min(int(self.tile), int(self.size)))
+        object.__setattr__(self, "halo", min(int(self.halo), int(self.size)))
+        starts = list(range(0, self.size - self.tile + 1, self.tile))
+        if starts[-1] + self.tile < self.size:
+            starts.append(self.size - self.tile)  # shifted inward: same shape
+        object.__setattr__(self, "starts", tuple(starts))
+
+    @property
+    def window(self) -> int:
+        """Length of a tile window (core plus two halos)."""
+        return self.tile + 2 * self.halo
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def owned(self, a: int, b: int) -> list[int]:
+        """Indices of the tiles whose core starts in ``[a, b)``."""
+        return [i for i, s in enumerate(self.starts) if a <= s < b]
+
+    def raw_weights(self, i: int, factor: int) -> np.ndarray:
+        """Un-normalized ramp weights of tile ``i`` at fine resolution (float64)."""
+        n = self.window * factor
+        u = (np.arange(n) + 0.5) / factor  # fine pixel centres, coarse units
+        w = np.ones(n)
+        ramp = 2 * self.halo
+        if ramp == 0:
+            return w
+        left_edge = not self.periodic and self.starts[i] == 0
+        right_edge = not self.periodic and self.starts[i] + self.tile == self.size
+        if not left_edge:
+            w *= np.sin(0.5 * np.pi * np.minimum(u / ramp, 1.0)) ** 2
+        if not right_edge:
+            w *= np.sin(0.5 * np.pi * np.minimum((self.window - u) / ramp, 1.0)) ** 2
+        return w
+
+    def weight_sum(self, factor: int) -> np.ndarray:
+        """Sum of raw weights of all tiles at each fine pixel of the axis."""
+        total = np.zeros(self.size * factor)
+        for i in range(len(self)):
+            pos, w = self._fine_positions(i, factor), self.raw_weights(i, factor)
+            if self.periodic:
+                np.add.at(total, pos % total.size, w)
+            else:
+                inside = (pos >= 0) & (pos < total.size)
+                np.add.at(total, pos[inside], w[inside])
+        return total
+
+    def weights(self, i: int, factor: int, total: np.ndarray | None = None) -> np.ndarray:
+        """Normalized blend weights of tile ``i``; zero outside a non-periodic domain."""
+        total = self.weight_sum(factor) if total is None else total
+        pos, w = self._fine_positions(i, factor), self.raw_weights(i, factor)
+        if self.periodic:
+            return w / total[pos % total.size]
+        out = np.zeros_like(w)
+        inside = (pos >= 0) & (pos < total.size)
+        out[inside] = w[inside] / total[pos[inside]]
+        return out
+
+    def _fine_positions(self, i: int, factor: int) -> np.ndarray:
+        start = (self.starts[i] - self.halo) * factor
+        return start + np.arange(self.window * factor)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles over a 2-D ``(ny, nx)`` grid: the product of two axis plans."""
+
+    y: AxisPlan
+    x: AxisPlan
+    factor: int
+
+    @classmethod
+    def build(
+        cls,
+        shape: Sequence[int],
+        tile: int | Sequence[int],
+        halo: int | Sequence[int],
+        factor: int,
+        periodic: bool | Sequence[bool] = (False, False),
+    ) -> TilePlan:
+        """Plan for a grid of ``shape = (ny, nx)``; scalars apply to both axes."""
+        tile = (tile, tile) if np.isscalar(tile) else tuple(tile)
+        halo = (halo, halo) if np.isscalar(halo) else tuple(halo)
+        periodic = (periodic, periodic) if np.isscalar(periodic) else tuple(periodic)
+        if int(factor) < 1:
+            raise ValueError(f"tile plan: factor must be >= 1, got {factor}")
+        return cls(
+            AxisPlan(int(shape[0]), int(tile[0]), int(halo[0]), bool(periodic[0])),
+            AxisPlan(int(shape[1]), int(tile[1]), int(halo[1]), bool(periodic[1])),
+            int(factor),
+        )
+
+    @property
+    def halo(self) -> tuple[int, int]:
+        return self.y.halo, self.x.halo
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.y.window, self.x.window
+
+    def __len__(self) -> int:
+        return len(self.y) * len(self.x)
+
+    def weight_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.y.weight_sum(self.factor), self.x.weight_sum(self.factor)
+
+    def tile_weights(self, iy: int, ix: int, sums=None) -> np.ndarray:
+        """Normalized 2-D weights ``[wy * k, wx * k]`` of tile ``(iy, ix)``."""
+        sy, sx = self.weight_sums() if sums is None else sums
+        return np.outer(self.y.weights(iy, self.factor, sy), self.x.weights(ix, self.factor, sx))
+
+    def owned(self, y0: int, y1: int, x0: int, x1: int) -> list[tuple[int, int]]:
+        """Tiles whose core starts inside the block ``[y0, y1) x [x0, x1)``."""
+        return [(iy, ix) for iy in self.y.owned(y0, y1) for ix in self.x.owned(x0, x1)]
+
+
+def block_chunks(plan: AxisPlan, preferred: int) -> tuple[int, ...]:
+    """Chunk sizes along an axis that cut only at tile boundaries.
+
+    Each chunk is a multiple of the tile near ``preferred`` and at least as long
+    as the halo; a short remainder is merged into the last chunk, so that the
+    shifted last tile and every halo stay within one neighbour.
+    """
+    t = plan.tile
+    step = max(t, round(max(preferred, 1) / t) * t, -(-plan.halo // t) * t)
+    bounds = list(range(0, plan.size, step))
+    chunks = [min(step, plan.size - b) for b in bounds]
+    if len(chunks) > 1 and chunks[-1] < max(step, plan.halo):
+        last = chunks.pop()
+        chunks[-1] += last
+    return tuple(chunks)
+
+
+def split(
+    block: np.ndarray, plan: TilePlan, origin: tuple[int, int], tiles: Sequence[tuple[int, int]]
+) -> Iterator[np.ndarray]:
+    """Windows of ``tiles`` cut from a block extended by the halo.
+
+    ``block[..., i, j]`` holds coarse pixel ``(origin[0] - halo_y + i,
+    origin[1] - halo_x + j)``.  Yields views of shape ``[..., wy, wx]``.
+    """
+    hy, hx = plan.halo
+    wy, wx = plan.window
+    for iy, ix in tiles:
+        r = plan.y.starts[iy] - hy - (origin[0] - hy)
+        c = plan.x.starts[ix] - hx - (origin[1] - hx)
+        if r < 0 or c < 0 or r + wy > block.shape[-2] or c + wx > block.shape[-1]:
+            raise ValueError(
+                f"tile ({iy}, {ix}) window does not fit the block of shape "
+                f"{block.shape[-2:]} at origin {origin}: the block must be extended by the halo"
+            )
+        yield block[..., r : r + wy, c : c + wx]
+
+
+def merge(
+    preds: Sequence[np.ndarray] | Iterator[np.ndarray],
+    plan: TilePlan,
+    origin: tuple[int, int],
+    tiles: Sequence[tuple[int, int]],
+    block_shape: tuple[int, int],
+    dtype=None,
+) -> np.ndarray:
+    """Weighted sum of fine tile predictions over the block's extended area.
+
+    ``preds[n]`` has shape ``[..., wy k, wx k]`` and belongs to ``tiles[n]``;
+    ``block_shape`` is the block's *core* ``(ny, nx)``.  The sum is kept in
+    ``dtype`` (default: the predictions' dtype, at least float32).  Returns the partial
+    ``[..., (ny + 2 hy) k, (nx + 2 hx) k]`` to be completed by `fold`.
+    """
+    k = plan.factor
+    hy, hx = plan.halo
+    wy, wx = plan.window
+    sums = plan.weight_sums()
+    out = None
+    for pred, (iy, ix) in zip(preds, tiles, strict=True):
+        if out is None:
+            shape = (*pred.shape[:-2], (block_shape[0] + 2 * hy) * k, (block_shape[1] + 2 * hx) * k)
+            out = np.zeros(shape, dtype=dtype or np.result_type(pred.dtype, np.float32))
+        r = (plan.y.starts[iy] - origin[0]) * k
+        c = (plan.x.starts[ix] - origin[1]) * k
+        out[..., r : r + wy * k, c : c + wx * k] += pred * plan.tile_weights(iy, ix, sums)
+    if out is None:
+        raise ValueError(f"block at {origin} owns no tile")
+    return out
+
+
+def fold(extended: np.ndarray, depth: tuple[int, int]) -> np.ndarray:
+    """Complete a partial: add the neighbours' halo strips into its core.
+
+    ``extended`` is a partial from `merge` (own halos of ``depth`` fine pixels
+    included) further extended by ``depth`` on each side with the neighbours'
+    partials (zeros beyond a non-periodic edge).  Along each axis the layout is
+    ``[neighbour's strip | own halo | core | own halo | neighbour's strip]``.
+    Returns the core, with both neighbours' strips added.
+    """
+    out = extended
+    for axis, d in zip((-2, -1), depth, strict=True):
+        if d == 0:
+            continue
+        out = np.moveaxis(out, axis, 0)
+        core = out[2 * d : -2 * d].copy()
+        core[:d] += out[:d]
+        core[-d:] += out[-d:]
+        out = np.moveaxis(core, 0, axis)
+    return out
+
+
+def apply_tiled(
+    field_: np.ndarray,
+    plan: TilePlan,
+    predict: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """Run ``predict`` over every tile of a whole ``[..., ny, nx]`` array in memory.
+
+    The reference path for tests and small arrays: pads by the halo (wrap on a
+    periodic axis, edge values otherwise), splits, predicts, merges and folds.
+    """
+    hy, hx = plan.halo
+    ext = field_
+    for axis, h, periodic in ((-2, hy, plan.y.periodic), (-1, hx, plan.x.periodic)):
+        width = [(0, 0)] * field_.ndim
+        width[axis] = (h, h)
+        ext = np.pad(ext, width, mode="wrap" if periodic else "edge")
+    ny, nx = field_.shape[-2:]
+    tiles = plan.owned(0, ny, 0, nx)
+    partial = merge(
+        (predict(w) for w in split(ext, plan, (0, 0), tiles)), plan, (0, 0), tiles, (ny, nx)
+    )
+    k = plan.factor
+    depth = (hy * k, hx * k)
+    for axis, d, periodic in ((-2, depth[0], plan.y.periodic), (-1, depth[1], plan.x.periodic)):
+        width = [(0, 0)] * partial.ndim
+        width[axis] = (d, d)
+        partial = np.pad(partial, width, mode="wrap") if periodic else np.pad(partial, width)
+    return fold(partial, depth)
