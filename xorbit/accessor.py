@@ -29,6 +29,7 @@ import xarray as xr
 
 from . import grid
 from ._version import __version__
+from .data import COORDINATE_FIELDS, coordinate_fields
 from .downscaler import Downscaler
 from .engine import ModelHandle, default_device, predict_block
 from .tiles import TilePlan, block_chunks, fold
@@ -52,6 +53,10 @@ def _find_inputs(
             if len(by_sn) == 1:
                 found[name] = src[by_sn[0]]
                 break
+    coords = [v for v in needed if v not in found and v in COORDINATE_FIELDS]
+    if coords:
+        ydim, xdim = grid.spatial_dims(obj)
+        found.update(coordinate_fields(obj, coords, ydim, xdim))
     missing = [v for v in needed if v not in found]
     if missing:
         avail = sorted(map(str, obj.data_vars)) + (

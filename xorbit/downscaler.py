@@ -42,6 +42,8 @@ class Downscaler:
         copied onto downscaled results.
     nonnegative
         Output variables clamped at zero after denormalization (precipitation).
+    history
+        Per-epoch training record (loss, validation RMSE) when trained.
     """
 
     model: Reslim
@@ -50,6 +52,7 @@ class Downscaler:
     units: dict[str, str | None] = field(default_factory=dict)
     attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonnegative: list[str] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for v in self.config.in_vars:
@@ -138,6 +141,7 @@ class Downscaler:
             "units": dict(self.units),
             "attrs": {k: dict(v) for k, v in self.attrs.items()},
             "nonnegative": list(self.nonnegative),
+            "history": [dict(h) for h in self.history],
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -156,6 +160,7 @@ class Downscaler:
             units=dict(extra.get("units", {})),
             attrs={k: dict(v) for k, v in extra.get("attrs", {}).items()},
             nonnegative=list(extra.get("nonnegative", [])),
+            history=[dict(h) for h in extra.get("history", [])],
         )
 
 

@@ -14,6 +14,8 @@ process and device (`get`), however many tasks use it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -51,7 +53,12 @@ class ModelHandle:
     """
 
     def __init__(self, model: Reslim, key: str | None = None) -> None:
-        self.key = key or weights_hash(model.state_dict())
+        # the config is part of the key: equal weights under other variable names
+        # are another model
+        config = json.dumps(model.config.to_dict(), sort_keys=True)
+        self.key = key or hashlib.sha256(
+            (config + weights_hash(model.state_dict())).encode()
+        ).hexdigest()
         self._model: Reslim | None = model
         self._payload: tuple[dict[str, Any], bytes] | None = None
 

@@ -65,7 +65,8 @@ def bayesian_tv_loss(
     lam
         Weight of the TV prior (0.02 in ORBIT-2; 0.001 for its 7 km runs).
     lat_weights
-        ``[H]`` weights per row, e.g. from `latitude_weights`.
+        ``[H]`` weights per row, e.g. from `latitude_weights`, or ``[B, H]``
+        when each sample covers other rows (random crops).
     var_weights
         ``[V]`` weights per variable (the reference: temperature 10, others 1).
     mask
@@ -97,11 +98,15 @@ def bayesian_tv_loss(
     term = err.square() + lam * total_variation(pred, diagonal_weight)
     if lat_weights is not None:
         lw = torch.as_tensor(lat_weights, dtype=pred.dtype, device=pred.device)
-        if lw.shape != (pred.shape[-2],):
+        if lw.shape == (pred.shape[-2],):
+            term = term * lw[:, None]
+        elif lw.shape == (pred.shape[0], pred.shape[-2]):  # per sample (crops)
+            term = term * lw[:, None, :, None]
+        else:
             raise ValueError(
-                f"loss: lat_weights has shape {tuple(lw.shape)}, expected ({pred.shape[-2]},)"
+                f"loss: lat_weights has shape {tuple(lw.shape)}, expected ({pred.shape[-2]},) "
+                f"or ({pred.shape[0]}, {pred.shape[-2]})"
             )
-        term = term * lw[:, None]
     if var_weights is not None:
         vw = torch.as_tensor(var_weights, dtype=pred.dtype, device=pred.device)
         if vw.shape != (pred.shape[1],):
