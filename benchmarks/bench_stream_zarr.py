@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,39 @@ VAR = "tas"
 FACTOR = 4
 NY, NX = 256, 512  # coarse pixels per time step
 GIB = 2**30
+
+
+class CpuShare:
+    """Share of the machine's CPU used by *other* processes since construction.
+
+    Busy jiffies of the whole machine (``/proc/stat``) minus this process's and
+    its children's CPU time, over wall time x cores: a measure of interference.
+    """
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return float("nan")
+        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+    @staticmethod
+    def _own() -> float:
+        s, c = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def others(self) -> float:
+        wall = time.perf_counter() - self.t0
+        other = (self._busy() - self.busy0) - (self._own() - self.own0)
+        return max(0.0, other) / (wall * (os.cpu_count() or 1))
 
 
 def steps_for(gb: float) -> int:
@@ -214,7 +248,7 @@ def spawn(steps: int, args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="sizes 0.05 and 0.2 GiB (< 30 s)")
+    ap.add_argument("--quick", action="store_true", help="sizes 0.03 and 0.1 GiB (< 30 s)")
     ap.add_argument("--gb", type=float, nargs="+", default=None, help="output GiB (default 8)")
     ap.add_argument("--estimate-steps", type=int, default=None, help="steps of the timing slice")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
@@ -227,7 +261,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args)))
         return
 
-    sizes = args.gb or ([0.05, 0.2] if args.quick else [8.0])
+    sizes = args.gb or ([0.03, 0.1] if args.quick else [8.0])
     est_steps = args.estimate_steps or (2 if args.quick else 16)
     import dask
     import torch
@@ -245,6 +279,7 @@ def main() -> None:
         f"fine output {NY * FACTOR * NX * FACTOR * 4 / 2**20:.0f} MiB per step; model "
         f"embed_dim 8, depth 1, tiles 24 + halo 4 (defaults)"
     )
+    cpu = CpuShare()
     est = spawn(est_steps, args)
     per_step = est["wall_s"] / est_steps
     print(
@@ -278,7 +313,10 @@ def main() -> None:
         f"# RSS sampled every 0.2 s with {r['source']} ({r['samples']} samples in the last "
         f"run); output chunks {r['chunks']}; {r['tasks']} tasks in the last graph"
     )
-    print(f"# load average at end {os.getloadavg()[0]:.2f}")
+    print(
+        f"# other processes used {cpu.others():.0%} of the CPU during the runs; "
+        f"load average at end {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,39 @@ BASE = (48, 96)
 BUDGET_S = 60.0  # stop repeating a configuration after this much timed work
 
 
+class CpuShare:
+    """Share of the machine's CPU used by *other* processes since construction.
+
+    Busy jiffies of the whole machine (``/proc/stat``) minus this process's and
+    its children's CPU time, over wall time x cores: a measure of interference.
+    """
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return float("nan")
+        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+    @staticmethod
+    def _own() -> float:
+        s, c = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def others(self) -> float:
+        wall = time.perf_counter() - self.t0
+        other = (self._busy() - self.busy0) - (self._own() - self.own0)
+        return max(0.0, other) / (wall * (os.cpu_count() or 1))
+
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
 
@@ -196,6 +229,7 @@ def main() -> None:
         f"{BASE[0]} x {BASE[1]} coarse, one time step, tiled input chunked {BASE}; best of "
         f"up to {args.repeats} runs after a warm-up, each configuration in a fresh process"
     )
+    cpu = CpuShare()
     rows = []
     untiled_done: list[dict] = []
     for s in scales:
@@ -247,7 +281,10 @@ def main() -> None:
         print(
             f"# goal time(16x)/(16 time(1x)) <= {GOAL}: {r:.2f} -> {'met' if r <= GOAL else 'NOT met'}"
         )
-    print(f"# load average at end {os.getloadavg()[0]:.2f}")
+    print(
+        f"# other processes used {cpu.others():.0%} of the CPU during the runs; "
+        f"load average at end {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def test_latitude_and_variable_weights():
 def test_shape_errors_are_explicit():
     with pytest.raises(ValueError, match=r"prediction shape \(1, 1, 3, 3\) differs"):
         bayesian_tv_loss(PRED[None, None], TARGET[None, None, :2])
-    with pytest.raises(ValueError, match=r"lat_weights has shape \(2,\), expected \(3,\) or \(1, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"lat_weights has shape \(2,\), expected \(3,\) or \(1, 3\)"
+    ):
         bayesian_tv_loss(PRED[None, None], TARGET[None, None], lat_weights=torch.ones(2))
     with pytest.raises(ValueError, match=r"var_weights has shape \(2,\)"):
         bayesian_tv_loss(PRED[None, None], TARGET[None, None], var_weights=[1.0, 2.0])

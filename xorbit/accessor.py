@@ -382,6 +382,24 @@ class _OrbitBase:
             periodic=periodic,
         )
 
+    def interpolate(
+        self, factor: int, method: str = "bicubic", periodic: bool | None = None
+    ) -> Any:
+        """Interpolate onto the same fine grid `downscale` gives (a baseline).
+
+        ``method``: ``"nearest"``, ``"bilinear"`` or ``"bicubic"``.  Lazy on Dask
+        input.  See `xorbit.regrid.interpolate`.
+        """
+        from .regrid import interpolate
+
+        return interpolate(self._obj, factor, method, periodic)
+
+    def to_netcdf(self, path, *, complevel: int = 4, keepbits: int | None = None, **cf: Any):
+        """Write CF-compliant, compressed netCDF atomically (see `xorbit.io.to_netcdf`)."""
+        from .io import to_netcdf
+
+        return to_netcdf(self._obj, path, complevel=complevel, keepbits=keepbits, **cf)
+
 
 @xr.register_dataarray_accessor("orbit")
 class OrbitDataArrayAccessor(_OrbitBase):

@@ -56,9 +56,9 @@ class ModelHandle:
         # the config is part of the key: equal weights under other variable names
         # are another model
         config = json.dumps(model.config.to_dict(), sort_keys=True)
-        self.key = key or hashlib.sha256(
-            (config + weights_hash(model.state_dict())).encode()
-        ).hexdigest()
+        self.key = (
+            key or hashlib.sha256((config + weights_hash(model.state_dict())).encode()).hexdigest()
+        )
         self._model: Reslim | None = model
         self._payload: tuple[dict[str, Any], bytes] | None = None
 

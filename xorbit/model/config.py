@@ -84,6 +84,11 @@ class ReslimConfig:
         for models trained with xorbit: it suits tiling); ``"reference"``
         reproduces the non-local layout of the published code, needed to load
         published weights.
+    interp_skip
+        ``"bicubic"`` or ``"bilinear"`` adds a fixed interpolation of the output
+        variables' coarse fields to the output, so the network learns only the
+        correction (not in the reference; helps extrapolation to values outside
+        the training range).  ``"none"``: the reference architecture.
     lr, batch_size, weight_decay, warmup_epochs, tv_lambda, var_weights
         Training defaults carried with the model so that a preset is complete.
     """
@@ -105,6 +110,7 @@ class ReslimConfig:
     res_km: float = 111.0
     learn_pos_embed: bool = False
     unpatchify: Unpatchify = "local"
+    interp_skip: Literal["none", "bilinear", "bicubic"] = "none"
     # training defaults
     lr: float = 2e-3
     batch_size: int = 32
@@ -156,6 +162,11 @@ class ReslimConfig:
         if self.unpatchify not in ("local", "reference"):
             raise ValueError(
                 f"ReslimConfig: unpatchify must be 'local' or 'reference', got {self.unpatchify!r}"
+            )
+        if self.interp_skip not in ("none", "bilinear", "bicubic"):
+            raise ValueError(
+                "ReslimConfig: interp_skip must be 'none', 'bilinear' or 'bicubic', "
+                f"got {self.interp_skip!r}"
             )
         unknown = sorted(set(self.var_weights) - set(self.out_vars))
         if unknown:

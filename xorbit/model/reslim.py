@@ -343,6 +343,11 @@ class Reslim(nn.Module):
         grid = self.token_grid(xp.shape[-2:])
         out = self.forward_head(self.forward_encoder(xp, variables, res_km), grid)
         out = out + self.residual(xp, variables)
+        if self.config.interp_skip != "none":
+            idx = self.channel_indices(variables, self.config.out_vars)
+            out = out + F.interpolate(
+                xp[:, idx], scale_factor=k, mode=self.config.interp_skip, align_corners=False
+            )
         return out[..., : h * k, : w * k]
 
     def num_params(self, trainable_only: bool = False) -> int:

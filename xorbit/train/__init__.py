@@ -62,6 +62,7 @@ def train(
     nonnegative: Sequence[str] = (),
     progress: bool = True,
     time_dim: str = "time",
+    stop_after: int | None = None,
     **options: Any,
 ) -> Downscaler:
     """Train a Reslim downscaler on paired coarse and fine fields.
@@ -96,6 +97,9 @@ def train(
         ``"cpu"`` or ``"cuda"``; default CUDA when visible.
     nonnegative
         Output variables clamped at zero when downscaling (precipitation).
+    stop_after
+        Stop after this epoch as if the run were killed there (checkpoints
+        included); for testing resumption.
     **options
         Other `TrainOptions` fields (``tv_lambda``, ``weight_decay``, ...).
 
@@ -179,11 +183,13 @@ def train(
     if client is not None:
         from .distributed import fit_distributed
 
-        history, weights = fit_distributed(client, dsr, crops, val, opts, resume=state)
+        history, weights = fit_distributed(
+            client, dsr, crops, val, opts, resume=state, stop_after=stop_after
+        )
         dsr.model.load_state_dict(weights)
         dsr.model.eval()
     else:
-        history = fit(dsr, crops, val, opts, resume=state)
+        history = fit(dsr, crops, val, opts, resume=state, stop_after=stop_after)
     dsr.history = history
     return dsr
 

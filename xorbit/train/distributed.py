@@ -51,6 +51,7 @@ def _rank_main(
     opts: TrainOptions,
     resume: dict[str, Any] | None,
     timeout_s: float,
+    stop_after: int | None = None,
 ):
     import torch.distributed as dist
 
@@ -96,6 +97,7 @@ def fit_distributed(
     resume: dict[str, Any] | None = None,
     n_ranks: int | None = None,
     timeout_s: float = 300.0,
+    stop_after: int | None = None,
 ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     """Run `fit` as DDP over the workers of a ``distributed.Client``.
 

@@ -1,0 +1,197 @@
+"""Training: schedule, pairing, determinism, exact resume, DDP on a LocalCluster."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import xorbit
+from tests.datasets import powerlaw_field
+from xorbit.data import PairedCrops, coarsen, compute_stats, pair_arrays, split_time
+from xorbit.train import load_state, train
+from xorbit.train.loop import lr_factor
+
+
+def fine_field(nt=16, n=32, seed=0):
+    data = 280 + 10 * powerlaw_field((nt, n, n), seed=seed)
+    return xr.DataArray(
+        data,
+        dims=("time", "lat", "lon"),
+        coords={
+            "time": np.arange(nt),
+            "lat": ("lat", 10.0 + 0.5 * np.arange(n), {"units": "degrees_north"}),
+            "lon": ("lon", 200.0 + 0.5 * np.arange(n), {"units": "degrees_east"}),
+        },
+        name="tas",
+        attrs={"units": "K", "standard_name": "air_temperature"},
+    )
+
+
+def small_config(**kw):
+    params = dict(
+        in_vars=["tas"],
+        out_vars=["tas"],
+        factor=4,
+        img_size=(8, 8),
+        embed_dim=16,
+        depth=1,
+        decoder_depth=1,
+        num_heads=2,
+        drop_path=0.0,
+        drop_rate=0.0,
+        warmup_epochs=1,
+    )
+    params.update(kw)
+    return xorbit.ReslimConfig(**params)
+
+
+def weights(dsr):
+    return {k: v.clone() for k, v in dsr.model.state_dict().items()}
+
+
+def max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, 10, 110, 1e-3, 1e-7, 1e-8) * 1e-3 for s in range(111)]
+    assert f[0] == pytest.approx(1e-7)
+    assert f[5] == pytest.approx(1e-7 + (1e-3 - 1e-7) / 2)
+    assert f[10] == pytest.approx(1e-3)
+    assert f[60] == pytest.approx(1e-8 + (1e-3 - 1e-8) / 2)
+    assert f[110] == pytest.approx(1e-8)
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
+
+
+def test_stats_are_lazy_and_correct():
+    fine = fine_field().chunk(time=4)
+    mean, std = compute_stats({"tas": fine})
+    assert mean["tas"] == pytest.approx(float(fine.values.mean()), rel=1e-6)
+    assert std["tas"] == pytest.approx(float(fine.values.std()), rel=1e-5)
+    const = fine * 0 + 3
+    assert compute_stats({"c": const})[1]["c"] == 1.0
+    with pytest.raises(ValueError, match="'nan' has no finite value"):
+        compute_stats({"nan": fine * np.nan})
+
+
+def test_split_is_along_time_with_the_end_held_out():
+    tr, va = split_time(10, 0.2)
+    assert list(tr) == list(range(8)) and list(va) == [8, 9]
+    with pytest.raises(ValueError, match="nothing left to train on"):
+        split_time(2, 0.9)
+
+
+def test_crops_are_colocated_and_deterministic():
+    fine = fine_field(nt=2, n=32)
+    coarse = coarsen(fine, 4)
+    data = pair_arrays(coarse, fine, ["tas"], ["tas"], 4, {"tas": 0.0}, {"tas": 1.0})
+    crops = PairedCrops(data, (3, 5), 4, crops_per_time=3, seed=1)
+    assert len(crops) == 6
+    x, y, lat = crops[4]
+    assert x.shape == (1, 3, 5) and y.shape == (1, 12, 20) and lat.shape == (12,)
+    # co-located: the cell means of the fine crop are the coarse crop
+    np.testing.assert_allclose(
+        y.reshape(1, 3, 4, 5, 4).mean(axis=(2, 4)).numpy(), x.numpy(), rtol=1e-5
+    )
+    assert torch.equal(crops[4][0], x)
+    crops.set_epoch(1)
+    assert not torch.equal(crops[4][0], x)  # a new epoch draws other offsets
+
+
+def test_pairing_errors_are_named():
+    fine = fine_field(nt=2)
+    coarse = coarsen(fine, 4)
+    with pytest.raises(ValueError, match="fine grid is 31 x 32 but the coarse grid"):
+        pair_arrays(coarse, fine.isel(lat=slice(1, None)), ["tas"], ["tas"], 4, {}, {})
+    shifted = fine.assign_coords(lon=fine.lon + 0.25)
+    with pytest.raises(ValueError, match="fine coordinate 'lon' is not the coarse 'lon' split"):
+        pair_arrays(coarse, shifted, ["tas"], ["tas"], 4, {"tas": 0}, {"tas": 1})
+    with pytest.raises(KeyError, match="input variable 'pr' is not in the coarse data"):
+        pair_arrays(coarse, fine, ["tas", "pr"], ["tas"], 4, {"tas": 0}, {"tas": 1})
+
+
+def test_training_is_deterministic_and_learns():
+    fine = fine_field()
+    coarse = coarsen(fine, 4)
+    kw = dict(epochs=3, batch_size=4, progress=False, seed=3, device="cpu", val_fraction=0.25)
+    a = train(coarse, fine, small_config(), **kw)
+    b = train(coarse, fine, small_config(), **kw)
+    assert max_diff(weights(a), weights(b)) == 0.0
+    assert [h["epoch"] for h in a.history] == [1, 2, 3]
+    assert a.history[-1]["loss"] < a.history[0]["loss"]
+    assert set(a.history[-1]) >= {"rmse_tas", "rmse_bicubic_tas", "lr", "loss"}
+    assert a.mean["tas"] == pytest.approx(float(coarse.isel(time=slice(0, 12)).mean()))
+    assert a.units == {"tas": "K"} and a.attrs["tas"]["standard_name"] == "air_temperature"
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path):
+    fine = fine_field()
+    coarse = coarsen(fine, 4)
+    kw = dict(epochs=3, batch_size=4, progress=False, seed=5, device="cpu", val_fraction=0.25)
+    full = train(coarse, fine, small_config(), **kw)
+    ckpt = tmp_path / "run"
+    train(coarse, fine, small_config(), checkpoint_dir=ckpt, stop_after=1, **kw)
+    assert load_state(ckpt)["epoch"] == 1
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.xorbit", "state.pt"]
+    resumed = train(coarse, fine, small_config(), checkpoint_dir=ckpt, resume=True, **kw)
+    assert max_diff(weights(full), weights(resumed)) == 0.0
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    # the model file written each epoch is the final model
+    saved = xorbit.load(ckpt / "model.xorbit")
+    assert max_diff(weights(saved), weights(full)) == 0.0
+    with pytest.raises(ValueError, match="trained with another config"):
+        train(coarse, fine, small_config(embed_dim=32), checkpoint_dir=ckpt, resume=True, **kw)
+    with pytest.raises(FileNotFoundError, match="no training state"):
+        train(coarse, fine, small_config(), resume=tmp_path / "none", **kw)
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.mark.distributed
+def test_two_rank_ddp_matches_one_process(client):
+    fine = fine_field()
+    coarse = coarsen(fine, 4)
+    kw = dict(epochs=2, batch_size=4, progress=False, seed=7, device="cpu", val_fraction=0.25)
+    init = weights(xorbit.Downscaler.from_config(small_config(), seed=7))
+    single = train(coarse, fine, small_config(), **kw)
+    ddp = train(coarse, fine, small_config(), client=client, **kw)
+    moved = max_diff(weights(single), init)
+    assert moved > 1e-3  # training moved the weights 100x beyond the tolerance below
+    assert max_diff(weights(single), weights(ddp)) < 1e-5
+    assert ddp.history[-1]["rmse_tas"] == pytest.approx(single.history[-1]["rmse_tas"], rel=1e-4)
+
+
+class FailingOnRankOne(PairedCrops):
+    def __getitem__(self, i):
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() == 1:
+            raise RuntimeError("rank 1 cannot read its data")
+        return super().__getitem__(i)
+
+
+@pytest.mark.distributed
+def test_a_failing_rank_fails_the_call(client):
+    from xorbit.train.distributed import fit_distributed
+    from xorbit.train.loop import TrainOptions
+
+    fine = fine_field(nt=8)
+    coarse = coarsen(fine, 4)
+    data = pair_arrays(coarse, fine, ["tas"], ["tas"], 4, {"tas": 280.0}, {"tas": 10.0})
+    dsr = xorbit.Downscaler.from_config(small_config(), mean={"tas": 280.0}, std={"tas": 10.0})
+    crops = FailingOnRankOne(data, (8, 8), 4)
+    opts = TrainOptions(epochs=1, batch_size=4, progress=False, device="cpu")
+    with pytest.raises(RuntimeError, match="rank 1 cannot read its data"):
+        fit_distributed(client, dsr, crops, None, opts, timeout_s=30)
