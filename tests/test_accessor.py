@@ -237,8 +237,8 @@ def test_errors_name_the_problem(field, dsr):
         xr.Dataset({"pr": field}).orbit.downscale(
             xorbit.Downscaler.from_config(tiny_config()), device="cpu"
         )
-    with pytest.raises(ValueError, match="'tas' is in 'degC' but the model expects 'K'"):
-        field.assign_attrs(units="degC").orbit.downscale(dsr, device="cpu")
+    with pytest.raises(ValueError, match="'tas' is in 'm', which cannot be converted"):
+        field.assign_attrs(units="m").orbit.downscale(dsr, device="cpu")
     with pytest.raises(TypeError, match=r"expects an xorbit\.Downscaler"):
         field.orbit.downscale(dsr.model)
     with pytest.raises(ValueError, match="tile must be >= 1"):

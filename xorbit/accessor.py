@@ -33,6 +33,7 @@ from .data import COORDINATE_FIELDS, coordinate_fields
 from .downscaler import Downscaler
 from .engine import ModelHandle, default_device, predict_block
 from .tiles import TilePlan, block_chunks, fold
+from .units import to_model_units
 
 __all__ = ["OrbitDataArrayAccessor", "OrbitDatasetAccessor", "downscale"]
 
@@ -93,6 +94,7 @@ def downscale(
     device: str | None = None,
     static: xr.Dataset | None = None,
     periodic: bool | None = None,
+    units: Mapping[str, str] | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """Downscale coarse fields with a `Downscaler` (see `OrbitDataArrayAccessor.downscale`)."""
     if not isinstance(downscaler, Downscaler):
@@ -114,7 +116,7 @@ def downscale(
                 f"input variable {name!r} has dims {var.dims}; it needs both spatial dims "
                 f"({ydim!r}, {xdim!r})"
             )
-    _check_units(inputs, downscaler)
+    inputs = to_model_units(inputs, downscaler.units, units)
 
     # lead dims: the union of the non-spatial dims of the inputs, in order
     lead: list[Hashable] = []
@@ -301,15 +303,6 @@ def _repeat2(a: np.ndarray, k: int) -> np.ndarray:
     return np.repeat(np.repeat(a, k, axis=-2), k, axis=-1)
 
 
-def _check_units(inputs: Mapping[str, xr.DataArray], dsr: Downscaler) -> None:
-    for name, var in inputs.items():
-        want, have = dsr.units.get(name), var.attrs.get("units")
-        if want and have and str(want) != str(have):
-            raise ValueError(
-                f"variable {name!r} is in {have!r} but the model expects {want!r}; convert it first"
-            )
-
-
 def _history(previous: str | None, dsr: Downscaler) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     line = (
@@ -334,6 +327,7 @@ class _OrbitBase:
         device: str | None = None,
         static: xr.Dataset | None = None,
         periodic: bool | None = None,
+        units: Mapping[str, str] | None = None,
     ) -> Any:
         """Downscale to the model's fine grid with TILES; lazy on Dask input.
 
@@ -357,6 +351,10 @@ class _OrbitBase:
             if they are not in the object itself.
         periodic
             Whether longitude wraps around; detected from the grid by default.
+        units
+            Units to assume for inputs whose ``units`` attribute is missing or
+            wrong, by model variable name.  Inputs are converted to the model's
+            units with pint (°C → K, ``kg m-2 s-1`` → ``mm/day`` ...).
 
         Returns
         -------
@@ -369,7 +367,8 @@ class _OrbitBase:
         KeyError
             If a model input is missing (the message lists what is there).
         ValueError
-            For a variable without the spatial dims, or in the wrong units.
+            For a variable without the spatial dims; `xorbit.units.UnitsError` (a
+            ValueError) for missing or incompatible units.
         """
         return downscale(
             self._obj,
@@ -380,6 +379,7 @@ class _OrbitBase:
             device=device,
             static=static,
             periodic=periodic,
+            units=units,
         )
 
     def interpolate(
