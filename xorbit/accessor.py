@@ -400,6 +400,12 @@ class _OrbitBase:
 
         return to_netcdf(self._obj, path, complevel=complevel, keepbits=keepbits, **cf)
 
+    def to_zarr(self, store, *, level: int = 3, keepbits: int | None = None, **kwargs: Any):
+        """Write CF-ready zarr, atomically and resumably (see `xorbit.io.to_zarr`)."""
+        from .io import to_zarr
+
+        return to_zarr(self._obj, store, level=level, keepbits=keepbits, **kwargs)
+
 
 @xr.register_dataarray_accessor("orbit")
 class OrbitDataArrayAccessor(_OrbitBase):

@@ -10,8 +10,11 @@ never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import xarray as xr
 from . import grid
 from ._version import __version__
 
-__all__ = ["CONVENTIONS", "bitround", "prepare", "to_netcdf"]
+__all__ = ["CONVENTIONS", "bitround", "prepare", "to_netcdf", "to_zarr"]
 
 CONVENTIONS = "CF-1.10"
 _VALID_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -89,6 +92,12 @@ def prepare(
         attrs["bounds"] = bname
         ds[dim].attrs = attrs
         ds[bname].attrs = {}
+    # grid mappings and bounds are variables of their own in CF, not coordinates
+    mappings = {v.attrs.get("grid_mapping") for v in ds.data_vars.values()} - {None}
+    bounds = {ds[d].attrs["bounds"] for d in (ydim, xdim)}
+    ds = ds.reset_coords([n for n in ds.coords if n in mappings | bounds])
+    for name in mappings & set(ds.variables):
+        ds[name].attrs.setdefault("long_name", "coordinate reference system")
     for name in list(ds.variables):
         ds[name].attrs = _clean_attrs(dict(ds[name].attrs))
         ds[name].encoding.pop("_FillValue", None)
@@ -117,10 +126,19 @@ def prepare(
     return ds
 
 
+def _auxiliary(ds: xr.Dataset) -> set:
+    """Coordinates, bounds and grid mappings: never a _FillValue (CF forbids it)."""
+    aux = set(ds.coords)
+    for var in ds.variables.values():
+        aux |= {var.attrs[a] for a in ("bounds", "grid_mapping") if a in var.attrs}
+    return aux
+
+
 def _encoding(ds: xr.Dataset, complevel: int) -> dict[str, dict[str, Any]]:
     enc: dict[str, dict[str, Any]] = {}
+    aux = _auxiliary(ds)
     for name, var in ds.variables.items():
-        if name in ds.coords:
+        if name in aux or var.ndim == 0:
             enc[name] = {"_FillValue": None}
             continue
         e: dict[str, Any] = {"zlib": True, "complevel": complevel, "shuffle": True}
@@ -165,3 +183,109 @@ def to_netcdf(
             os.remove(tmp)
         raise
     return path
+
+
+def _zarr_encoding(ds: xr.Dataset, level: int) -> dict[str, dict[str, Any]]:
+    import zarr.codecs
+
+    enc: dict[str, dict[str, Any]] = {}
+    for name, var in ds.data_vars.items():
+        e: dict[str, Any] = {"compressors": [zarr.codecs.ZstdCodec(level=level)]}
+        if isinstance(var.data, da.Array):
+            e["chunks"] = tuple(max(c) for c in var.data.chunks)
+        enc[name] = e
+    return enc
+
+
+def _regions(ds: xr.Dataset) -> tuple[str | None, list[slice]]:
+    """Chunk-aligned slices of the first dimension that is neither lat nor lon."""
+    ydim, xdim = grid.spatial_dims(ds)
+    for var in ds.data_vars.values():
+        if not isinstance(var.data, da.Array):
+            continue
+        for dim, chunks in zip(var.dims, var.data.chunks, strict=True):
+            if dim not in (ydim, xdim):
+                edges = np.cumsum((0, *chunks))
+                return str(dim), [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
+    return None, [slice(None)]
+
+
+def to_zarr(
+    obj: xr.DataArray | xr.Dataset,
+    store: str | os.PathLike,
+    *,
+    level: int = 3,
+    keepbits: int | None = None,
+    resume: bool = True,
+    **cf: Any,
+) -> Path:
+    """Write CF-ready, zstd-compressed zarr (v3), atomically and resumably.
+
+    The data are written region by region (one Dask chunk of the leading
+    dimension, e.g. time, at a time) into ``<store>.partial``; each finished
+    region leaves a marker.  A run that is interrupted can be called again with
+    the same arguments: finished regions are not recomputed.  When all regions
+    are written the folder is renamed to ``store``.
+
+    Parameters
+    ----------
+    level
+        zstd level (lossless).
+    keepbits
+        Round float mantissas to this many bits first (lossy, recorded in attrs).
+    resume
+        Continue a ``<store>.partial`` left by an interrupted call (default);
+        ``False`` starts afresh.
+
+    Raises
+    ------
+    FileExistsError
+        If ``store`` already exists (remove it first; nothing is overwritten).
+    """
+    store = Path(store)
+    if store.exists():
+        raise FileExistsError(f"{str(store)!r} exists; remove it or choose another path")
+    partial = store.with_name(store.name + ".partial")
+    done_dir = partial / ".xorbit-done"
+    ds = prepare(obj, keepbits=keepbits, **cf)
+    dim, regions = _regions(ds)
+    signature = json.dumps(
+        {
+            "vars": sorted(map(str, ds.data_vars)),
+            "sizes": {str(k): v for k, v in ds.sizes.items()},
+            "regions": len(regions),
+        },
+        sort_keys=True,
+    )
+    if partial.exists() and (
+        not resume
+        or not (done_dir / "signature.json").exists()
+        or (done_dir / "signature.json").read_text() != signature
+    ):
+        shutil.rmtree(partial)
+    if not partial.exists():
+        ds.to_zarr(
+            partial,
+            mode="w",
+            compute=False,
+            encoding=_zarr_encoding(ds, level),
+            consolidated=False,
+            zarr_format=3,
+        )
+        done_dir.mkdir()
+        (done_dir / "signature.json").write_text(signature)
+    for i, region in enumerate(regions):
+        marker = done_dir / f"region-{i}"
+        if marker.exists():
+            continue
+        if dim is None:
+            part = ds.drop_vars([v for v in ds.variables if v not in ds.data_vars])
+            part.to_zarr(partial, mode="r+", consolidated=False)
+        else:
+            part = ds.isel({dim: region})
+            part = part.drop_vars([v for v in part.variables if dim not in part[v].dims])
+            part.to_zarr(partial, region={dim: region}, consolidated=False)
+        marker.touch()
+    shutil.rmtree(done_dir)
+    os.replace(partial, store)
+    return store
