@@ -69,3 +69,83 @@ def test_metrics_against_numpy():
     assert float(rmse(pred, truth.copy(data=t2))) == pytest.approx(
         np.sqrt(np.mean((p - t2)[ok] ** 2))
     )
+
+
+def latlon(d, lat0=-60.0, lat1=60.0, lon0=0.0, lon1=120.0):
+    lat = np.arange(lat0 + d / 2, lat1, d)
+    lon = np.arange(lon0 + d / 2, lon1, d)
+    return xr.Dataset(
+        coords={
+            "lat": ("lat", lat, {"units": "degrees_north", "standard_name": "latitude"}),
+            "lon": ("lon", lon, {"units": "degrees_east", "standard_name": "longitude"}),
+        }
+    )
+
+
+def area_mean(a):
+    """Area-weighted mean with exact spherical cell areas (independent of xorbit)."""
+    lat = a[a.cf["latitude"].name].values
+    d = np.abs(np.diff(lat)).mean()
+    w = np.sin(np.deg2rad(np.clip(lat + d / 2, -90, 90))) - np.sin(
+        np.deg2rad(np.clip(lat - d / 2, -90, 90))
+    )
+    w = xr.DataArray(w, dims=a[a.cf["latitude"].name].dims)
+    return float((a * w).sum() / (w * xr.ones_like(a)).sum())
+
+
+@pytest.mark.parametrize(("src_d", "dst_d", "glob"), [(2.0, 3.0, False), (2.5, 3.75, True)])
+def test_conservative_regridding_keeps_the_area_weighted_mean(src_d, dst_d, glob):
+    from xorbit.regrid import regrid
+
+    kw = dict(lat0=-90.0, lat1=90.0, lon0=0.0, lon1=360.0) if glob else {}
+    src, dst = latlon(src_d, **kw), latlon(dst_d, **kw)
+    rng = np.random.default_rng(1)
+    orog = xr.DataArray(
+        rng.gamma(2.0, 300.0, size=(src.sizes["lat"], src.sizes["lon"])),
+        dims=("lat", "lon"),
+        coords=src.coords,
+        name="orog",
+        attrs={"units": "m"},
+    )
+    out = regrid(orog, dst, "conservative")
+    assert out.shape == (dst.sizes["lat"], dst.sizes["lon"]) and out.attrs["units"] == "m"
+    assert abs(area_mean(out) - area_mean(orog)) / abs(area_mean(orog)) < 1e-6
+    # a constant stays exactly constant
+    np.testing.assert_allclose(regrid(orog * 0 + 5.0, dst).values, 5.0, rtol=1e-12)
+
+
+def test_conservative_upsampling_of_hadcm3_keeps_the_mean_and_the_cells():
+    coarse = coarsen(hadcm3_air_temperature(), 4).isel(time=slice(0, 3))
+    up = coarse.chunk(time=1).orbit.interpolate(4, "conservative")
+    assert up.shape == (3, 36, 48)
+    # refining onto the split grid: every fine cell carries its parent's value
+    np.testing.assert_allclose(
+        up.values, np.repeat(np.repeat(coarse.values, 4, 1), 4, 2), rtol=1e-6
+    )
+    for t in range(3):
+        a, b = area_mean(coarse.isel(time=t)), area_mean(up.isel(time=t))
+        assert abs(a - b) / abs(a) < 1e-6
+
+
+def test_bilinear_regrid_between_grids_without_xesmf():
+    from xorbit.regrid import regrid
+
+    src, dst = latlon(2.0), latlon(3.0)
+    lin = 2 * src.lat + 0.5 * src.lon + 0 * src.lat * src.lon
+    out = regrid(lin.rename("f"), dst, "bilinear")
+    expected = 2 * dst.lat + 0.5 * dst.lon
+    np.testing.assert_allclose(out.values, expected.transpose(*out.dims).values, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown method 'cubic'"):
+        regrid(lin.rename("f"), dst, "cubic")
+
+
+def test_xesmf_and_the_pip_path_agree(monkeypatch):
+    pytest.importorskip("xesmf")  # ESMF is not on PyPI: skipped on pip-only installs
+    import xorbit.regrid as rg
+
+    src, dst = latlon(2.0), latlon(3.0)
+    f = np.sin(np.deg2rad(src.lat)) * np.cos(np.deg2rad(src.lon))
+    with_esmf = rg.regrid(f.rename("f"), dst, "bilinear")
+    monkeypatch.setattr(rg, "xesmf_available", lambda: False)
+    without = rg.regrid(f.rename("f"), dst, "bilinear")
+    np.testing.assert_allclose(with_esmf.values, without.values, atol=1e-3)

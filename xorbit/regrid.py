@@ -19,15 +19,84 @@ import xarray as xr
 
 from . import grid
 
-__all__ = ["METHODS", "interpolate", "upsample_array"]
+__all__ = [
+    "METHODS",
+    "conservative_weights",
+    "interpolate",
+    "regrid",
+    "upsample_array",
+    "xesmf_available",
+]
 
-METHODS = ("nearest", "bilinear", "bicubic")
+METHODS = ("nearest", "bilinear", "bicubic", "conservative")
+_TORCH_METHODS = ("nearest", "bilinear", "bicubic")
+
+
+def xesmf_available() -> bool:
+    """Whether xESMF (and so ESMF) can be imported here."""
+    try:
+        import xesmf  # noqa: F401
+    except Exception:  # ImportError, or ESMF failing to load its library
+        return False
+    return True
+
+
+def _overlap(src: np.ndarray, dst: np.ndarray, period: float | None = None) -> np.ndarray:
+    """Overlap lengths ``[n_dst, n_src]`` of 1-D intervals (``[n, 2]`` bounds)."""
+    s_lo, s_hi = np.sort(src, axis=1).T
+    d_lo, d_hi = np.sort(dst, axis=1).T
+    shifts = (0.0,) if period is None else (-period, 0.0, period)
+    out = np.zeros((len(d_lo), len(s_lo)))
+    for sh in shifts:
+        lo = np.maximum(d_lo[:, None], s_lo[None, :] + sh)
+        hi = np.minimum(d_hi[:, None], s_hi[None, :] + sh)
+        out += np.clip(hi - lo, 0, None)
+    return out
+
+
+def conservative_weights(
+    src_lat_bnds: np.ndarray,
+    src_lon_bnds: np.ndarray,
+    dst_lat_bnds: np.ndarray,
+    dst_lon_bnds: np.ndarray,
+    periodic: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Separable first-order conservative weights between rectilinear lat-lon grids.
+
+    Cell areas on the sphere are exact: ``Δλ · Δ(sin φ)``.  Returns ``(w_lat
+    [n_dst_lat, n_src_lat], w_lon [n_dst_lon, n_src_lon])``, each row the share
+    of a destination cell covered by each source cell; ``w_lat @ f @ w_lon.T``
+    regrids ``f``, and the area-weighted mean over the covered region is kept.
+    """
+    sin = np.sin(np.deg2rad(np.clip(src_lat_bnds, -90, 90)))
+    dsin = np.sin(np.deg2rad(np.clip(dst_lat_bnds, -90, 90)))
+    w_lat = _overlap(sin, dsin)
+    w_lon = _overlap(src_lon_bnds, dst_lon_bnds, 360.0 if periodic else None)
+    for w, name in ((w_lat, "latitude"), (w_lon, "longitude")):
+        covered = w.sum(axis=1)
+        if (covered <= 0).any():
+            raise ValueError(
+                f"conservative regridding: {int((covered <= 0).sum())} destination cells lie "
+                f"outside the source grid along {name}"
+            )
+        w /= covered[:, None]
+    return w_lat, w_lon
+
+
+def _apply_separable(a: np.ndarray, w_lat: np.ndarray, w_lon: np.ndarray) -> np.ndarray:
+    """``w_lat @ a @ w_lon.T`` over the last two axes, renormalized around NaN."""
+    valid = np.isfinite(a)
+    filled = np.where(valid, a, 0.0)
+    num = np.einsum("ij,...jk,lk->...il", w_lat, filled, w_lon)
+    den = np.einsum("ij,...jk,lk->...il", w_lat, valid.astype(float), w_lon)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
 
 
 def upsample_array(a: np.ndarray, factor: int, method: str, periodic: bool = False) -> np.ndarray:
     """``[..., ny, nx]`` → ``[..., ny k, nx k]`` by torch interpolation (NaN propagates)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown interpolation method {method!r}; choose one of {METHODS}")
+    if method not in _TORCH_METHODS:
+        raise ValueError(f"unknown interpolation method {method!r}; choose one of {_TORCH_METHODS}")
     lead = a.shape[:-2]
     ny, nx = a.shape[-2:]
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).reshape(-1, 1, ny, nx)
@@ -82,6 +151,10 @@ def interpolate(
         periodic = grid.is_global_longitude(obj[xdim], obj)
     dims = [d for d in obj.dims if d not in (ydim, xdim)] + [ydim, xdim]
     src = obj.transpose(*dims)
+    if method == "conservative":
+        fine = grid.fine_grid(src, factor, ydim, xdim)
+        target = xr.Dataset(coords=fine)
+        return regrid(obj, target, "conservative", periodic=periodic)
     data = src.data
     if isinstance(data, da.Array):
         data = data.rechunk({-2: -1, -1: -1})
@@ -102,3 +175,74 @@ def interpolate(
         coords[name] = coords[name].copy()
         coords[name].attrs.pop("bounds", None)
     return xr.DataArray(up, dims=dims, coords=coords, attrs=dict(obj.attrs), name=obj.name)
+
+
+def regrid(
+    obj: xr.DataArray,
+    target: xr.Dataset | xr.DataArray,
+    method: str = "conservative",
+    periodic: bool | None = None,
+) -> xr.DataArray:
+    """Regrid a field (e.g. orography) onto another rectilinear lat-lon grid.
+
+    ``"conservative"`` uses exact spherical cell areas (`conservative_weights`)
+    and keeps the area-weighted mean; ``"bilinear"`` and ``"nearest"`` use
+    xESMF when it can be imported, else ``xarray-regrid``.
+
+    Parameters
+    ----------
+    obj
+        Source field with latitude / longitude dims (bounds used when present).
+    target
+        Anything carrying the destination latitude / longitude coordinates.
+    """
+    ydim, xdim = grid.spatial_dims(obj)
+    ty, tx = grid.spatial_dims(target)
+    if periodic is None:
+        periodic = grid.is_global_longitude(obj[xdim], obj)
+    if method == "conservative":
+        w_lat, w_lon = conservative_weights(
+            grid.cell_bounds(obj[ydim], obj),
+            grid.cell_bounds(obj[xdim], obj),
+            grid.cell_bounds(target[ty], target),
+            grid.cell_bounds(target[tx], target),
+            periodic=bool(periodic),
+        )
+        dims = [d for d in obj.dims if d not in (ydim, xdim)] + [ydim, xdim]
+        src = obj.transpose(*dims)
+        data = src.data
+        if isinstance(data, da.Array):
+            data = data.rechunk({-2: -1, -1: -1})
+            out = data.map_blocks(
+                _apply_separable,
+                w_lat,
+                w_lon,
+                chunks=(*data.chunks[:-2], (len(w_lat),), (len(w_lon),)),
+                dtype=np.float64,
+            )
+        else:
+            out = _apply_separable(np.asarray(data, np.float64), w_lat, w_lon)
+        coords = {n: c for n, c in src.coords.items() if ydim not in c.dims and xdim not in c.dims}
+        coords[ydim] = target[ty].rename({ty: ydim}) if ty != ydim else target[ty]
+        coords[xdim] = target[tx].rename({tx: xdim}) if tx != xdim else target[tx]
+        for name in (ydim, xdim):  # a DataArray cannot carry the bounds themselves
+            coords[name] = coords[name].copy()
+            coords[name].attrs.pop("bounds", None)
+        result = xr.DataArray(out, dims=dims, coords=coords, attrs=dict(obj.attrs), name=obj.name)
+        return result.astype(obj.dtype) if np.issubdtype(obj.dtype, np.floating) else result
+    if method not in ("bilinear", "nearest"):
+        raise ValueError(
+            f"regrid: unknown method {method!r}; choose 'conservative', 'bilinear' or 'nearest'"
+        )
+    tgt = target if isinstance(target, xr.Dataset) else target.to_dataset(name="_target")
+    if xesmf_available():
+        import xesmf
+
+        regridder = xesmf.Regridder(
+            obj, tgt, "bilinear" if method == "bilinear" else "nearest_s2d", periodic=periodic
+        )
+        return regridder(obj, keep_attrs=True)
+    import xarray_regrid  # noqa: F401  (registers .regrid)
+
+    out = obj.regrid.linear(tgt) if method == "bilinear" else obj.regrid.nearest(tgt)
+    return out.assign_attrs(obj.attrs)
