@@ -6,6 +6,17 @@ Importing the package registers the ``.orbit`` accessor on DataArray and Dataset
 from . import accessor  # noqa: F401  (registers the .orbit accessors)
 from ._version import __version__
 from .downscaler import Downscaler, load
+from .metrics import evaluate
 from .model import CheckpointError, Reslim, ReslimConfig
+from .train import train
 
-__all__ = ["CheckpointError", "Downscaler", "Reslim", "ReslimConfig", "__version__", "load"]
+__all__ = [
+    "CheckpointError",
+    "Downscaler",
+    "Reslim",
+    "ReslimConfig",
+    "__version__",
+    "evaluate",
+    "load",
+    "train",
+]
