@@ -1,9 +1,14 @@
-"""The ``xorbit`` command line."""
+"""The ``xorbit`` command line: demo, train, downscale, evaluate, info.
+
+Errors are printed as one line and exit with status 1 (``--debug`` shows the
+traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -182,8 +187,169 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open(path: str, chunks: dict | None = None):
+    import xarray as xr
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    kw = dict(decode_times=xr.coders.CFDatetimeCoder(use_cftime=True), chunks=chunks or {})
+    if p.is_dir() or p.suffix == ".zarr":
+        return xr.open_zarr(p, consolidated=False, **kw)
+    return xr.open_dataset(p, **kw)
+
+
+def _parse_chunks(text: str | None) -> dict:
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        if not size:
+            raise ValueError(f"--chunks expects dim=size[,dim=size], got {text!r}")
+        out[name.strip()] = int(size)
+    return out
+
+
+def _pair(text: str | None):
+    if text is None:
+        return None
+    parts = [int(v) for v in text.split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _select(ds, names):
+    import xarray as xr
+
+    if not names:
+        return ds
+    missing = [v for v in names if v not in ds.data_vars]
+    if missing:
+        raise KeyError(
+            f"variables {missing} not in the file (has {sorted(map(str, ds.data_vars))})"
+        )
+    return xr.Dataset({v: ds[v] for v in names}, attrs=ds.attrs)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from . import ReslimConfig
+    from .data import coarsen
+    from .train import train
+
+    cfg_path = Path(args.config)
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"no such config file: {args.config}")
+    spec = yaml.safe_load(cfg_path.read_text()) or {}
+    base = cfg_path.parent
+    fine = _open(str(base / spec["fine"]))
+    model = dict(spec.get("model", {}))
+    preset = model.pop("preset", "tiny")
+    factor = int(model.pop("factor", spec.get("factor", 4)))
+    out_vars = model.pop("out_vars", spec.get("variables"))
+    if not out_vars:
+        raise ValueError("the config needs 'variables' (the variables to downscale)")
+    missing = [v for v in out_vars if v not in fine.data_vars]
+    if missing:
+        raise KeyError(f"variables {missing} not in {spec['fine']} (has {list(fine.data_vars)})")
+    fine = _select(fine, out_vars)
+    coarse = _open(str(base / spec["coarse"])) if spec.get("coarse") else coarsen(fine, factor)
+    if "coarse" not in spec:
+        fine = fine.isel(
+            {
+                d: slice(0, coarse.sizes[d] * factor)
+                for d in coarse.dims
+                if d in fine.dims and fine.sizes[d] != coarse.sizes[d]
+            }
+        )
+    in_vars = model.pop("in_vars", list(out_vars) + list(model.get("static_vars", [])))
+    cfg = ReslimConfig.preset(preset, factor=factor, in_vars=in_vars, out_vars=out_vars, **model)
+    train_opts = dict(spec.get("train", {}))
+    dsr = train(coarse, fine, cfg, progress=not args.quiet, **train_opts)
+    out = base / spec.get("output", "model.xorbit")
+    dsr.save(out)
+    last = dsr.history[-1] if dsr.history else {}
+    scores = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("rmse"))
+    print(f"wrote {out} ({dsr!r}); last epoch: {scores or 'no validation'}")
+    return 0
+
+
+def _downscale(args: argparse.Namespace) -> int:
+    import dask
+    from dask.diagnostics import ProgressBar
+
+    from . import load
+
+    dsr = load(args.model)
+    ds = _open(args.input, _parse_chunks(args.chunks))
+    out = ds.orbit.downscale(dsr, tile=_pair(args.tile), halo=_pair(args.halo), device=args.device)
+    target = Path(args.output)
+    bar = ProgressBar() if not args.quiet else None
+    with bar or dask.config.set():
+        if target.suffix == ".zarr":
+            out.orbit.to_zarr(target, keepbits=args.keepbits)
+        else:
+            out.orbit.to_netcdf(target, keepbits=args.keepbits)
+    print(f"wrote {target}: {dict(out.sizes)}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from . import grid
+    from .metrics import evaluate
+
+    pred, truth = _open(args.pred), _open(args.truth)
+    ydim, xdim = grid.spatial_dims(pred)
+    names = args.var or [v for v in pred.data_vars if {ydim, xdim} <= set(pred[v].dims)]
+    pred = _select(pred, names)
+    truth = _select(truth, names)
+    truth = (
+        truth.assign_coords({ydim: pred[ydim], xdim: pred[xdim]})
+        if (truth.sizes.get(ydim) == pred.sizes[ydim] and truth.sizes.get(xdim) == pred.sizes[xdim])
+        else truth
+    )
+    base = _select(_open(args.baseline), names) if args.baseline else None
+    scores = evaluate(pred, truth, baseline=base).compute()
+    cols = [k for k in scores.data_vars]
+    print("variable".ljust(18) + "".join(f"{c:>12}" for c in cols))
+    for v in scores.variable.values:
+        row = scores.sel(variable=v)
+        print(str(v).ljust(18) + "".join(f"{float(row[c]):>12.4g}" for c in cols))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .model.checkpoint import read_metadata
+
+    meta = read_metadata(args.model)
+    from . import load
+
+    dsr = load(args.model)
+    c = dsr.config
+    print(
+        f"{args.model}: xorbit checkpoint (format {meta['format_version']}, "
+        f"written by xorbit {meta['xorbit_version']})"
+    )
+    print(
+        f"  model      Reslim x{c.factor}, {dsr.model.num_params():,} parameters, "
+        f"embed_dim {c.embed_dim}, depth {c.depth}, heads {c.num_heads}, "
+        f"patch {c.patch_size}, training grid {tuple(c.img_size)}"
+    )
+    inputs = ", ".join(f"{v} [{dsr.units.get(v) or '?'}]" for v in c.in_vars)
+    print(f"  inputs     {inputs}")
+    print(f"  outputs    {', '.join(c.out_vars)}")
+    print(f"  weights    sha256 {meta['weights_sha256']}")
+    if dsr.history:
+        last = dsr.history[-1]
+        print("  trained    " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xorbit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="xorbit", description="ORBIT-2 climate downscaling for xarray data."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -194,6 +360,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML: fine, [coarse], variables, model, train, output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("downscale", help="downscale a netCDF/zarr file with a trained model")
+    p.add_argument("input", help="coarse netCDF file or zarr store")
+    p.add_argument("output", help="output path: .nc for netCDF, .zarr for zarr")
+    p.add_argument("--model", required=True, help="a .xorbit model file")
+    p.add_argument("--chunks", help="Dask chunks, e.g. time=10")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if visible)")
+    p.add_argument("--keepbits", type=int, default=None, help="lossy: keep this many mantissa bits")
+    p.add_argument("--tile", help="tile core size: n or ny,nx (default: from the model)")
+    p.add_argument("--halo", help="tile halo: n or ny,nx (default: from the model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_downscale)
+
+    p = sub.add_parser("evaluate", help="score a prediction file against a truth file")
+    p.add_argument("pred", help="predicted netCDF/zarr")
+    p.add_argument("truth", help="truth netCDF/zarr on the same grid")
+    p.add_argument("--baseline", help="a baseline file for skill scores")
+    p.add_argument("--var", action="append", help="variable to score (repeatable)")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("info", help="describe a .xorbit model file")
+    p.add_argument("model", help="a .xorbit model file")
+    p.set_defaults(func=_info)
     return parser
 
 
@@ -205,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
-        print(f"xorbit {args.command}: error: {err}", file=sys.stderr)
+        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        line = " ".join(text.split()) or type(err).__name__
+        print(f"xorbit {args.command}: error: {line}", file=sys.stderr)
         return 1
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
-__all__ = ["compare_maps"]
+__all__ = ["compare_maps", "spectra", "training_curves"]
 
 
 def compare_maps(
@@ -61,3 +61,44 @@ def compare_maps(
 
 def _units(da: xr.DataArray) -> str:
     return str(da.attrs.get("units", ""))
+
+
+def spectra(spec: xr.Dataset, title: str | None = None):
+    """Log-log power spectra, one line per data variable of `xorbit.metrics.power_spectra`."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), constrained_layout=True)
+    for name, line in spec.data_vars.items():
+        ax.loglog(spec.wavenumber, line, label=str(name))
+    ax.set_xlabel("wavenumber (half-cycles per domain)")
+    ax.set_ylabel("variance per band")
+    ax.legend()
+    ax.set_title(title or "radially averaged power spectra")
+    return fig
+
+
+def training_curves(history: list[dict[str, float]], title: str | None = None):
+    """Training loss and validation RMSE (model vs bicubic) per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not history:
+        raise ValueError("training_curves: the history is empty (was the model trained?)")
+    epochs = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    a1.semilogy(epochs, [h["loss"] for h in history])
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("training loss")
+    for key in sorted({k for h in history for k in h if k.startswith("rmse_")}):
+        a2.plot(epochs, [h.get(key, np.nan) for h in history], label=key[5:])
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("validation RMSE")
+    a2.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
