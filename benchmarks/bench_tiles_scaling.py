@@ -36,6 +36,7 @@ How to run
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -271,10 +272,11 @@ def main() -> None:
         f"# MB: peak RSS above the process baseline after setup (baseline ~"
         f"{rows[0][1]['baseline_mb']:.0f} MB); s/area: tiled s per unit (1x) area"
     )
-    for area, tiled, _ in rows[1:]:
+    for (a0, prev, _), (area, tiled, _) in itertools.pairwise(rows):
         print(
             f"# linearity {area}x: time({area}x) / ({area} time(1x)) = "
-            f"{tiled['best_s'] / (area * t1):.2f}"
+            f"{tiled['best_s'] / (area * t1):.2f}; marginal time({area}x) / "
+            f"({area // a0} time({a0}x)) = {tiled['best_s'] / (area // a0 * prev['best_s']):.2f}"
         )
     if len(rows) >= 3:
         r = rows[2][1]["best_s"] / (16 * t1)
