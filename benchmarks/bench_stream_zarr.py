@@ -38,6 +38,7 @@ How to run
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -105,6 +106,7 @@ class RssSampler(threading.Thread):
         self.interval = interval
         self.peak = 0
         self.samples = 0
+        self.trace: list[int] = []
         self._stop_event = threading.Event()
         try:
             import psutil
@@ -129,9 +131,17 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, self._read())
+            rss = self._read()
+            self.peak = max(self.peak, rss)
+            self.trace.append(rss)
             self.samples += 1
             self._stop_event.wait(self.interval)
+
+    def quarters(self) -> list[float]:
+        """Peak RSS (MB) within each quarter of the sampled run."""
+        n = len(self.trace)
+        cuts = [round(i * n / 4) for i in range(5)]
+        return [max(self.trace[a:b], default=0) / 1e6 for a, b in itertools.pairwise(cuts)]
 
     def stop(self) -> int:
         self._stop_event.set()
@@ -220,6 +230,7 @@ def run_one(steps: int, args: argparse.Namespace) -> dict:
         "baseline_mb": baseline / 1e6,
         "peak_mb": peak / 1e6,
         "samples": sampler.samples,
+        "quarters_mb": sampler.quarters(),
         "source": sampler.source,
         "tasks": n_tasks,
         "chunks": [c[0] for c in out.chunks],
@@ -313,6 +324,9 @@ def main() -> None:
             f"{r['peak_mb']:>11.0f} {r['peak_mb'] * 1e6 / r['out_bytes']:>9.3f} "
             f"{'<=' + format(GOAL_MB, '.0f'):>8} {'yes' if r['peak_mb'] <= GOAL_MB else 'no':>4}"
         )
+    for g, r in rows:
+        q = ", ".join(f"{v:.0f}" for v in r["quarters_mb"])
+        print(f"# {g:g} GiB: peak RSS (MB) in each quarter of the run: {q}")
     r = rows[-1][1]
     print(
         f"# RSS sampled every 0.2 s with {r['source']} ({r['samples']} samples in the last "
