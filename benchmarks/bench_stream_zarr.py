@@ -262,7 +262,7 @@ def spawn(steps: int, args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="sizes 0.03 and 0.1 GiB (< 30 s)")
+    ap.add_argument("--quick", action="store_true", help="sizes 0.02 and 0.06 GiB (< 30 s)")
     ap.add_argument("--gb", type=float, nargs="+", default=None, help="output GiB (default 8)")
     ap.add_argument("--estimate-steps", type=int, default=None, help="steps of the timing slice")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
@@ -276,7 +276,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args)))
         return
 
-    sizes = args.gb or ([0.03, 0.1] if args.quick else [8.0])
+    sizes = args.gb or ([0.02, 0.06] if args.quick else [8.0])
     est_steps = args.estimate_steps or (2 if args.quick else 16)
     import dask
     import torch

@@ -30,6 +30,7 @@ gives the final field.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -175,12 +176,26 @@ class TilePlan:
 
     def tile_weights(self, iy: int, ix: int, sums=None) -> np.ndarray:
         """Normalized 2-D weights ``[wy * k, wx * k]`` of tile ``(iy, ix)``."""
-        sy, sx = self.weight_sums() if sums is None else sums
+        if sums is None:
+            return np.outer(*_axis_weights(self, iy, ix))
+        sy, sx = sums
         return np.outer(self.y.weights(iy, self.factor, sy), self.x.weights(ix, self.factor, sx))
 
     def owned(self, y0: int, y1: int, x0: int, x1: int) -> list[tuple[int, int]]:
         """Tiles whose core starts inside the block ``[y0, y1) x [x0, x1)``."""
         return [(iy, ix) for iy in self.y.owned(y0, y1) for ix in self.x.owned(x0, x1)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_weights(plan: TilePlan, iy: int, ix: int) -> tuple[np.ndarray, np.ndarray]:
+    """1-D weights of a tile, cached: plans are frozen and reused by every block."""
+    sy, sx = _weight_sums(plan)
+    return plan.y.weights(iy, plan.factor, sy), plan.x.weights(ix, plan.factor, sx)
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_sums(plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
+    return plan.y.weight_sum(plan.factor), plan.x.weight_sum(plan.factor)
 
 
 def block_chunks(plan: AxisPlan, preferred: int) -> tuple[int, ...]:
@@ -239,7 +254,6 @@ def merge(
     k = plan.factor
     hy, hx = plan.halo
     wy, wx = plan.window
-    sums = plan.weight_sums()
     out = None
     for pred, (iy, ix) in zip(preds, tiles, strict=True):
         if out is None:
@@ -247,7 +261,7 @@ def merge(
             out = np.zeros(shape, dtype=dtype or np.result_type(pred.dtype, np.float32))
         r = (plan.y.starts[iy] - origin[0]) * k
         c = (plan.x.starts[ix] - origin[1]) * k
-        out[..., r : r + wy * k, c : c + wx * k] += pred * plan.tile_weights(iy, ix, sums)
+        out[..., r : r + wy * k, c : c + wx * k] += pred * plan.tile_weights(iy, ix)
     if out is None:
         raise ValueError(f"block at {origin} owns no tile")
     return out
