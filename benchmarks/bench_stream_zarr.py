@@ -42,7 +42,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -52,45 +51,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cpu import CpuShare
 
 GOAL_MB = 1500.0  # 1.5 GB; MB and GB are 10**6 and 10**9 bytes here
 VAR = "tas"
 FACTOR = 4
 NY, NX = 256, 512  # coarse pixels per time step
 GIB = 2**30
-
-
-class CpuShare:
-    """Share of the machine's CPU used by *other* processes since construction.
-
-    Busy jiffies of the whole machine (``/proc/stat``) minus this process's and
-    its children's CPU time, over wall time x cores: a measure of interference.
-    """
-
-    def __init__(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
-
-    @staticmethod
-    def _busy() -> float:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-        except OSError:
-            return float("nan")
-        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-
-    @staticmethod
-    def _own() -> float:
-        s, c = (
-            resource.getrusage(resource.RUSAGE_SELF),
-            resource.getrusage(resource.RUSAGE_CHILDREN),
-        )
-        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-    def others(self) -> float:
-        wall = time.perf_counter() - self.t0
-        other = (self._busy() - self.busy0) - (self._own() - self.own0)
-        return max(0.0, other) / (wall * (os.cpu_count() or 1))
 
 
 def steps_for(gb: float) -> int:

@@ -48,45 +48,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cpu import CpuShare
 
 GOAL = 1.1
 VAR = "tas"
 TILE, HALO, FACTOR = 24, 4, 4
 BASE = (48, 96)
 BUDGET_S = 60.0  # stop repeating a configuration after this much timed work
-
-
-class CpuShare:
-    """Share of the machine's CPU used by *other* processes since construction.
-
-    Busy jiffies of the whole machine (``/proc/stat``) minus this process's and
-    its children's CPU time, over wall time x cores: a measure of interference.
-    """
-
-    def __init__(self) -> None:
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
-
-    @staticmethod
-    def _busy() -> float:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-        except OSError:
-            return float("nan")
-        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-
-    @staticmethod
-    def _own() -> float:
-        s, c = (
-            resource.getrusage(resource.RUSAGE_SELF),
-            resource.getrusage(resource.RUSAGE_CHILDREN),
-        )
-        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-    def others(self) -> float:
-        wall = time.perf_counter() - self.t0
-        other = (self._busy() - self.busy0) - (self._own() - self.own0)
-        return max(0.0, other) / (wall * (os.cpu_count() or 1))
 
 
 def _maxrss_mb() -> float:

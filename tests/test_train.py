@@ -195,3 +195,10 @@ def test_a_failing_rank_fails_the_call(client):
     opts = TrainOptions(epochs=1, batch_size=4, progress=False, device="cpu")
     with pytest.raises(RuntimeError, match="rank 1 cannot read its data"):
         fit_distributed(client, dsr, crops, None, opts, timeout_s=30)
+
+
+def test_a_static_input_missing_from_a_dataarray_is_named():
+    fine = fine_field(nt=4)
+    cfg = small_config(in_vars=["tas", "orog"], static_vars=["orog"])
+    with pytest.raises(KeyError, match="input variable 'orog' is not in the coarse data"):
+        train(coarsen(fine, 4), fine, cfg, epochs=1, batch_size=2, progress=False)

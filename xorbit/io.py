@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 from . import grid
+from ._files import atomic_write
 from ._version import __version__
 
 __all__ = ["CONVENTIONS", "bitround", "prepare", "to_netcdf", "to_zarr"]
@@ -173,16 +173,10 @@ def to_netcdf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = prepare(obj, keepbits=keepbits, **cf)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=_encoding(ds, complevel))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    encoding = _encoding(ds, complevel)
+    return atomic_write(
+        path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+    )
 
 
 def _zarr_encoding(ds: xr.Dataset, level: int) -> dict[str, dict[str, Any]]:

@@ -13,6 +13,8 @@ from .. import grid
 from ..data import (
     COORDINATE_FIELDS,
     PairedCrops,
+    _as_dataset,
+    _lookup,
     compute_stats,
     coordinate_fields,
     pair_arrays,
@@ -34,13 +36,9 @@ def _var_names(obj: xr.DataArray | xr.Dataset) -> list[str]:
     return [str(v) for v in obj.data_vars]
 
 
-def _resolve(obj: xr.DataArray | xr.Dataset, name: str) -> xr.DataArray | None:
-    if isinstance(obj, xr.DataArray):
-        return obj if obj.name in (name, None) or len(_var_names(obj)) == 1 else None
-    if name in obj.data_vars:
-        return obj[name]
-    hits = [v for v in obj.data_vars if obj[v].attrs.get("standard_name") == name]
-    return obj[hits[0]] if len(hits) == 1 else None
+def _resolve(obj: xr.DataArray | xr.Dataset, name: str, names) -> xr.DataArray | None:
+    """``name`` in ``obj`` by name then standard_name; a DataArray is one of ``names``."""
+    return _lookup(_as_dataset(obj, list(names)), name)
 
 
 def train(
@@ -124,7 +122,7 @@ def train(
     for name in config.in_vars:
         var = coord_vars.get(name)
         if var is None:
-            var = _resolve(coarse, name)
+            var = _resolve(coarse, name, config.out_vars)
             if var is None:
                 raise KeyError(
                     f"input variable {name!r} is not in the coarse data "
@@ -137,7 +135,7 @@ def train(
     units = {n: stat_arrays[n].attrs.get("units") for n in config.in_vars}
     attrs = {}
     for name in config.out_vars:
-        src = _resolve(fine, name)
+        src = _resolve(fine, name, config.out_vars)
         if src is not None:
             attrs[name] = {a: src.attrs[a] for a in _CF_ATTRS if a in src.attrs}
 

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._files import atomic_write
 from ..data import PairedArrays, PairedCrops
 from ..downscaler import Downscaler
 from ..engine import run_model
-from ..model.checkpoint import atomic_write
 from ..model.loss import bayesian_tv_loss
 from ..tiles import TilePlan, apply_tiled
 
