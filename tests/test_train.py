@@ -202,3 +202,22 @@ def test_a_static_input_missing_from_a_dataarray_is_named():
     cfg = small_config(in_vars=["tas", "orog"], static_vars=["orog"])
     with pytest.raises(KeyError, match="input variable 'orog' is not in the coarse data"):
         train(coarsen(fine, 4), fine, cfg, epochs=1, batch_size=2, progress=False)
+
+
+def test_the_best_validation_epoch_is_kept():
+    from xorbit.train import validate
+
+    fine = fine_field()
+    coarse = coarsen(fine, 4)
+    kw = dict(epochs=4, batch_size=4, progress=False, seed=2, device="cpu", val_fraction=0.25)
+    dsr = train(coarse, fine, small_config(), lr=2e-2, **kw)
+    scores = [h["rmse_tas"] / h["rmse_bicubic_tas"] for h in dsr.history]
+    best = int(np.argmin(scores)) + 1
+    assert dsr.history[-1]["best_epoch"] == best
+    # the returned model validates exactly as that epoch did
+    data = pair_arrays(coarse, fine, ["tas"], ["tas"], 4, dsr.mean, dsr.std)
+    again = validate(dsr, data.select(np.arange(12, 16)))
+    assert again["rmse_tas"] == pytest.approx(dsr.history[best - 1]["rmse_tas"], rel=1e-6)
+    last = train(coarse, fine, small_config(), lr=2e-2, keep_best=False, **kw)
+    again = validate(last, data.select(np.arange(12, 16)))
+    assert again["rmse_tas"] == pytest.approx(last.history[-1]["rmse_tas"], rel=1e-6)

@@ -7,6 +7,11 @@ with ``world_size > 1`` each rank takes every ``world_size``-th sample of one
 shared permutation, so the ranks together see exactly the global batches a
 single process would.
 
+With validation data and ``keep_best`` (default), the weights of the epoch with
+the lowest validation RMSE (relative to bicubic, averaged over variables) are
+restored at the end: small regional training sets overfit within a few dozen
+epochs.
+
 Checkpoints (``checkpoint_dir/state.pt``: model, optimizer, scheduler, RNG,
 epoch, history; and ``checkpoint_dir/model.xorbit``, the Downscaler) are
 written atomically after each epoch by rank 0; ``resume=`` continues exactly.
@@ -60,6 +65,7 @@ class TrainOptions:
     progress: bool = True
     tile: tuple[int, int] | None = None
     halo: tuple[int, int] | None = None
+    keep_best: bool = True
 
 
 def lr_factor(step: int, warmup: int, total: int, lr: float, start: float, end: float) -> float:
@@ -188,6 +194,7 @@ def fit(
     )
     history: list[dict[str, float]] = []
     start_epoch = 0
+    best: dict[str, Any] = {"score": math.inf, "epoch": 0, "model": None}
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -195,6 +202,8 @@ def fit(
         torch.set_rng_state(resume["rng"])
         start_epoch = int(resume["epoch"])
         history = [dict(h) for h in resume["history"]]
+        if "best" in resume:
+            best = dict(resume["best"])
     else:
         torch.manual_seed(opts.seed + rank)
     amp = device.type == "cuda"
@@ -235,8 +244,20 @@ def fit(
         record = {"epoch": epoch + 1, "loss": running / steps_per_epoch}
         record["lr"] = float(scheduler.get_last_lr()[0])
         if val is not None and len(val) and rank == 0:
-            record.update(validate(dsr, val, tile=opts.tile, halo=opts.halo, device=opts.device))
+            scores = validate(dsr, val, tile=opts.tile, halo=opts.halo, device=opts.device)
+            record.update(scores)
             model.train()
+            # one number over all variables: RMSE relative to bicubic, averaged
+            score = float(
+                np.mean([scores[f"rmse_{v}"] / scores[f"rmse_bicubic_{v}"] for v in cfg.out_vars])
+            )
+            if opts.keep_best and score < best["score"]:
+                best = {
+                    "score": score,
+                    "epoch": epoch + 1,
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                }
+            record["best_epoch"] = best["epoch"]
         history.append(record)
         if ckpt_dir is not None and rank == 0:
             dsr.save(ckpt_dir / MODEL_FILE)
@@ -250,9 +271,16 @@ def fit(
                     "epoch": epoch + 1,
                     "history": history,
                     "config": cfg.to_dict(),
+                    "best": best,
                 },
             )
         if stop_after is not None and epoch + 1 >= stop_after:
-            break
+            model.eval()
+            return history
+    if best["model"] is not None:
+        # early stopping after the fact: the epoch that validated best
+        model.load_state_dict(best["model"])
+        if ckpt_dir is not None and rank == 0:
+            dsr.save(ckpt_dir / MODEL_FILE)
     model.eval()
     return history
