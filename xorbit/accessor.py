@@ -21,6 +21,7 @@ chunk size; the task graph itself (~180 tasks per output chunk) adds about
 from __future__ import annotations
 
 import datetime
+import itertools
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ from ._version import __version__
 from .data import COORDINATE_FIELDS, coordinate_fields
 from .downscaler import Downscaler
 from .engine import ModelHandle, default_device, predict_block
-from .tiles import TilePlan, block_chunks, fold
+from .tiles import TilePlan, block_chunks
 from .units import to_model_units
 
 __all__ = ["OrbitDataArrayAccessor", "OrbitDatasetAccessor", "downscale"]
@@ -254,25 +255,82 @@ def _tiled(
         meta=np.array((), np.float32),
         name="xorbit-tiles",
     )
-    depth = (hy * k, hx * k)
-    ext2 = da.overlap.overlap(
+    return _fold_neighbours(
         partial,
-        depth={ax_y: depth[0], ax_x: depth[1]},
-        boundary={ax_y: 0, ax_x: "periodic" if plan.x.periodic else 0},
-    )
-    return ext2.map_blocks(
-        fold,
-        depth,
+        (hy * k, hx * k),
+        periodic_x=plan.x.periodic,
         chunks=(
             *x.chunks[:n_lead],
             (n_out,),
             tuple(c * k for c in ychunks),
             tuple(c * k for c in xchunks),
         ),
-        dtype=np.float32,
-        meta=np.array((), np.float32),
-        name="xorbit-fold",
     )
+
+
+def _fold_neighbours(
+    partial: da.Array, depth: tuple[int, int], periodic_x: bool, chunks: tuple
+) -> da.Array:
+    """Stage 2 as one task per output block, reading its (up to) 3 x 3 neighbours.
+
+    Equivalent to ``overlap(partial, depth)`` + `xorbit.tiles.fold`, which makes
+    dozens of slicing and concatenation tasks per block; holding that graph was
+    the main memory cost of streaming large outputs.
+    """
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = "xorbit-fold-" + tokenize(partial, depth, periodic_x)
+    ny, nx = partial.numblocks[-2], partial.numblocks[-1]
+    lead_blocks = [range(n) for n in partial.numblocks[:-2]]
+    dsk = {}
+    for idx in itertools.product(*lead_blocks):
+        for iy in range(ny):
+            for ix in range(nx):
+                grid_keys = []
+                for dy in (-1, 0, 1):
+                    row = []
+                    for dx in (-1, 0, 1):
+                        jy, jx = iy + dy, ix + dx
+                        if periodic_x:
+                            jx %= nx
+                        ok = 0 <= jy < ny and 0 <= jx < nx
+                        row.append((partial.name, *idx, jy, jx) if ok else None)
+                    grid_keys.append(row)
+                dsk[(name, *idx, iy, ix)] = (_fold_block, grid_keys, depth)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[partial])
+    return da.Array(graph, name, chunks, meta=np.array((), np.float32))
+
+
+def _fold_block(neighbours: list, depth: tuple[int, int]) -> np.ndarray:
+    """Core of the centre partial plus the strips its neighbours spill into it."""
+    dy, dx = depth
+    centre = neighbours[1][1]
+    out = centre[..., dy : centre.shape[-2] - dy, dx : centre.shape[-1] - dx].copy()
+    ny, nx = out.shape[-2:]
+    for i, row in enumerate(neighbours):
+        for j, nb in enumerate(row):
+            if nb is None or (i == 1 and j == 1):
+                continue
+            # rows of the neighbour that land in our core, and where
+            ys = _strip(i, dy, nb.shape[-2], ny)
+            xs = _strip(j, dx, nb.shape[-1], nx)
+            if ys is None or xs is None:
+                continue
+            (src_y, dst_y), (src_x, dst_x) = ys, xs
+            out[..., dst_y, dst_x] += nb[..., src_y, src_x]
+    return out
+
+
+def _strip(pos: int, d: int, n_nb: int, n_core: int):
+    """Source and destination slices along one axis for neighbour position 0/1/2."""
+    if pos == 1:
+        return slice(d, n_nb - d), slice(0, n_core)
+    if d == 0:
+        return None
+    if pos == 0:  # the neighbour before us: its last d pixels are our first d
+        return slice(n_nb - d, n_nb), slice(0, d)
+    return slice(0, d), slice(n_core - d, n_core)  # the one after: its first d
 
 
 def _stage1(
