@@ -9,13 +9,13 @@ the TILES engine and hands back a lazy object on the fine grid:
 3. stage 1: overlap each block by the tile halo (``periodic`` on a global
    longitude, ``nearest`` elsewhere) and compute its weighted partial
    (`xorbit.engine.predict_block`), each tile exactly once;
-4. stage 2: overlap the partials by ``halo * factor`` and fold the neighbours'
-   strips in (`xorbit.tiles.fold`);
+4. stage 2: one task per output block adds the ``halo * factor`` strips its
+   (up to 3 x 3) neighbouring partials spill into its core;
 5. denormalize, mask where the coarse input was NaN, and label on the fine grid.
 
 Nothing is computed until the caller asks.  Working memory is bounded by the
-chunk size; the task graph itself (~180 tasks per output chunk) adds about
-35 MB per GiB of output computed in one call (docs/benchmarks.md).
+chunk size; the task graph itself (~100 tasks per output chunk) adds about
+14 MB per GiB of output computed in one call (docs/benchmarks.md).
 """
 
 from __future__ import annotations
