@@ -32,7 +32,7 @@ import xarray as xr
 
 from . import grid
 from ._version import __version__
-from .data import COORDINATE_FIELDS, coordinate_fields
+from .data import COORDINATE_FIELDS, as_dataset, coordinate_fields, find_variable
 from .downscaler import Downscaler
 from .engine import ModelHandle, default_device, predict_block
 from .tiles import TilePlan, block_chunks
@@ -50,12 +50,9 @@ def _find_inputs(
     found: dict[str, xr.DataArray] = {}
     for name in needed:
         for src in sources:
-            if name in src.data_vars:
-                found[name] = src[name]
-                break
-            by_sn = [v for v in src.data_vars if src[v].attrs.get("standard_name") == name]
-            if len(by_sn) == 1:
-                found[name] = src[by_sn[0]]
+            var = find_variable(src, name)
+            if var is not None:
+                found[name] = var
                 break
     coords = [v for v in needed if v not in found and v in COORDINATE_FIELDS]
     if coords:
@@ -71,19 +68,6 @@ def _find_inputs(
             f"standard_name among {avail}; rename them, or pass static fields as static=..."
         )
     return found
-
-
-def _as_dataset(obj: xr.DataArray, needed: Sequence[str]) -> xr.Dataset:
-    """A DataArray as a one-variable Dataset named after the model variable it is."""
-    name = obj.name
-    if name not in needed:
-        sn = obj.attrs.get("standard_name")
-        matches = [v for v in needed if v == sn]
-        if matches:
-            name = matches[0]
-        elif len(needed) == 1 or name is None:
-            name = needed[0]
-    return obj.to_dataset(name=name)
 
 
 # --------------------------------------------------------------------------- downscale
@@ -109,7 +93,7 @@ def downscale(
     k = cfg.factor
     device = device or default_device()
     as_array = isinstance(obj, xr.DataArray)
-    ds = _as_dataset(obj, cfg.in_vars) if as_array else obj
+    ds = as_dataset(obj, cfg.in_vars)
     inputs = _find_inputs(ds, cfg.in_vars, static)
     main = [inputs[v] for v in cfg.out_vars]
     ydim, xdim = grid.spatial_dims(main[0])

@@ -124,14 +124,27 @@ class PairedArrays:
         return PairedArrays(self.coarse[index], self.fine[index], self.fine_lat, self.times[index])
 
 
-def _as_dataset(obj: xr.DataArray | xr.Dataset, names: Sequence[str]) -> xr.Dataset:
+def as_dataset(obj: xr.DataArray | xr.Dataset, names: Sequence[str]) -> xr.Dataset:
+    """A DataArray as a one-variable Dataset named after the model variable it is.
+
+    Its own name if that is one of ``names``, else its ``standard_name`` if that
+    is, else the only name (or the first, for an unnamed array).  A Dataset is
+    returned as it is.
+    """
     if isinstance(obj, xr.Dataset):
         return obj
-    name = obj.name if obj.name in names else names[0]
+    name = obj.name
+    if name not in names:
+        sn = obj.attrs.get("standard_name")
+        if sn in names:
+            name = sn
+        elif len(names) == 1 or name is None:
+            name = names[0]
     return obj.to_dataset(name=name)
 
 
-def _lookup(ds: xr.Dataset, name: str) -> xr.DataArray | None:
+def find_variable(ds: xr.Dataset, name: str) -> xr.DataArray | None:
+    """``ds[name]``, else the one variable whose ``standard_name`` is ``name``, else None."""
     if name in ds.data_vars:
         return ds[name]
     hits = [v for v in ds.data_vars if ds[v].attrs.get("standard_name") == name]
@@ -162,8 +175,8 @@ def pair_arrays(
     ValueError
         If the grids or the time axes do not line up.
     """
-    cds = _as_dataset(coarse, list(in_vars))
-    fds = _as_dataset(fine, list(out_vars))
+    cds = as_dataset(coarse, list(in_vars))
+    fds = as_dataset(fine, list(out_vars))
     ydim, xdim = grid.spatial_dims(cds)
     fy, fx = grid.spatial_dims(fds)
     expected = (cds.sizes[ydim] * factor, cds.sizes[xdim] * factor)
@@ -193,7 +206,7 @@ def pair_arrays(
     for name in in_vars:
         var = statics.get(name)
         if var is None:
-            var = _lookup(cds, name)
+            var = find_variable(cds, name)
         if var is None:
             raise KeyError(
                 f"input variable {name!r} is not in the coarse data "
@@ -202,7 +215,7 @@ def pair_arrays(
         c_arrays.append(var)
     f_arrays = []
     for name in out_vars:
-        var = _lookup(fds, name)
+        var = find_variable(fds, name)
         if var is None:
             raise KeyError(
                 f"output variable {name!r} is not in the fine data "

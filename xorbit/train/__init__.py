@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import xarray as xr
@@ -13,17 +12,17 @@ from .. import grid
 from ..data import (
     COORDINATE_FIELDS,
     PairedCrops,
-    _as_dataset,
-    _lookup,
+    as_dataset,
     compute_stats,
     coordinate_fields,
+    find_variable,
     pair_arrays,
     split_time,
 )
 from ..downscaler import Downscaler
 from ..engine import default_device
 from ..model.config import ReslimConfig
-from .loop import MODEL_FILE, STATE_FILE, TrainOptions, fit, load_state, validate
+from .loop import TrainOptions, fit, load_state, validate
 
 __all__ = ["TrainOptions", "fit", "load_state", "train", "validate"]
 
@@ -38,7 +37,7 @@ def _var_names(obj: xr.DataArray | xr.Dataset) -> list[str]:
 
 def _resolve(obj: xr.DataArray | xr.Dataset, name: str, names) -> xr.DataArray | None:
     """``name`` in ``obj`` by name then standard_name; a DataArray is one of ``names``."""
-    return _lookup(_as_dataset(obj, list(names)), name)
+    return find_variable(as_dataset(obj, list(names)), name)
 
 
 def train(
@@ -190,9 +189,3 @@ def train(
         history = fit(dsr, crops, val, opts, resume=state, stop_after=stop_after)
     dsr.history = history
     return dsr
-
-
-def checkpoint_paths(checkpoint_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """``(state.pt, model.xorbit)`` inside a checkpoint directory."""
-    d = Path(checkpoint_dir)
-    return d / STATE_FILE, d / MODEL_FILE
