@@ -134,7 +134,8 @@ def downscale(
     x = (raw - mean) / std
     x = da.where(da.isnan(x), np.float32(0), x)
 
-    out = _tiled(x, downscaler, plan, ychunks, xchunks, batch_size, device)
+    weights_sha256 = downscaler.weights_sha256  # hashed once per call
+    out = _tiled(x, downscaler, weights_sha256, plan, ychunks, xchunks, batch_size, device)
     # denormalize with plain arrays: a bound method would pickle the model per task
     out_mean, out_std = downscaler._stats(cfg.out_vars, out.ndim, -3)
     out = out * out_std + out_mean
@@ -164,7 +165,7 @@ def downscale(
     for i, name in enumerate(cfg.out_vars):
         src = inputs[name]
         attrs = {**src.attrs, **downscaler.attrs.get(name, {})}
-        attrs["history"] = _history(src.attrs.get("history"), downscaler)
+        attrs["history"] = _history(src.attrs.get("history"), downscaler, weights_sha256)
         result = xr.DataArray(
             out[..., i, :, :],
             dims=(*lead, ydim, xdim),
@@ -178,7 +179,7 @@ def downscale(
     keep = {v: ds[v] for v in ds.data_vars if ydim not in ds[v].dims and xdim not in ds[v].dims}
     out_ds = xr.Dataset({**keep, **results}, attrs=dict(ds.attrs))
     out_ds = out_ds.assign_coords(bounds).assign_coords({n: fine_coords[n] for n in (ydim, xdim)})
-    out_ds.attrs["history"] = _history(ds.attrs.get("history"), downscaler)
+    out_ds.attrs["history"] = _history(ds.attrs.get("history"), downscaler, weights_sha256)
     return out_ds
 
 
@@ -202,6 +203,7 @@ def _tile_defaults(dsr: Downscaler, tile, halo) -> tuple[tuple[int, int], tuple[
 def _tiled(
     x: da.Array,
     dsr: Downscaler,
+    weights_sha256: str,
     plan: TilePlan,
     ychunks: tuple[int, ...],
     xchunks: tuple[int, ...],
@@ -218,7 +220,7 @@ def _tiled(
     ext = da.overlap.overlap(
         x, depth={ax_y: hy, ax_x: hx}, boundary={ax_y: "nearest", ax_x: x_boundary}
     )
-    handle = ModelHandle(dsr.model)
+    handle = ModelHandle(dsr.model, weights_sha256)
     handle_node = dask.delayed(handle, pure=True, name=f"xorbit-model-{handle.key[:16]}")
     partial = ext.map_blocks(
         _stage1,
@@ -347,11 +349,11 @@ def _repeat2(a: np.ndarray, k: int) -> np.ndarray:
     return np.repeat(np.repeat(a, k, axis=-2), k, axis=-1)
 
 
-def _history(previous: str | None, dsr: Downscaler) -> str:
+def _history(previous: str | None, dsr: Downscaler, weights_sha256: str) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     line = (
         f"{now}: downscaled x{dsr.factor} with xorbit {__version__} "
-        f"(Reslim, weights sha256 {dsr.weights_sha256[:16]})"
+        f"(Reslim, weights sha256 {weights_sha256[:16]})"
     )
     return f"{previous}\n{line}" if previous else line
 

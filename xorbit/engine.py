@@ -52,13 +52,13 @@ class ModelHandle:
     bytes; unpickled, it rebuilds the model at most once per process.
     """
 
-    def __init__(self, model: Reslim, key: str | None = None) -> None:
+    def __init__(self, model: Reslim, weights_sha256: str | None = None) -> None:
         # the config is part of the key: equal weights under other variable names
-        # are another model
+        # are another model.  Pass the weights' hash when it is already known:
+        # hashing a large model's weights is not free.
         config = json.dumps(model.config.to_dict(), sort_keys=True)
-        self.key = (
-            key or hashlib.sha256((config + weights_hash(model.state_dict())).encode()).hexdigest()
-        )
+        weights = weights_sha256 or weights_hash(model.state_dict())
+        self.key = hashlib.sha256((config + weights).encode()).hexdigest()
         self._model: Reslim | None = model
         self._payload: tuple[dict[str, Any], bytes] | None = None
 

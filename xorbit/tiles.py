@@ -171,15 +171,9 @@ class TilePlan:
     def __len__(self) -> int:
         return len(self.y) * len(self.x)
 
-    def weight_sums(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.y.weight_sum(self.factor), self.x.weight_sum(self.factor)
-
-    def tile_weights(self, iy: int, ix: int, sums=None) -> np.ndarray:
+    def tile_weights(self, iy: int, ix: int) -> np.ndarray:
         """Normalized 2-D weights ``[wy * k, wx * k]`` of tile ``(iy, ix)``."""
-        if sums is None:
-            return np.outer(*_axis_weights(self, iy, ix))
-        sy, sx = sums
-        return np.outer(self.y.weights(iy, self.factor, sy), self.x.weights(ix, self.factor, sx))
+        return np.outer(*_axis_weights(self, iy, ix))
 
     def owned(self, y0: int, y1: int, x0: int, x1: int) -> list[tuple[int, int]]:
         """Tiles whose core starts inside the block ``[y0, y1) x [x0, x1)``."""
