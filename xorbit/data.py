@@ -202,26 +202,23 @@ def pair_arrays(
         ):
             raise ValueError(f"coarse and fine {time_dim!r} axes differ; align them first")
     statics = coordinate_fields(cds, in_vars, ydim, xdim)
-    c_arrays = []
-    for name in in_vars:
-        var = statics.get(name)
-        if var is None:
-            var = find_variable(cds, name)
-        if var is None:
-            raise KeyError(
-                f"input variable {name!r} is not in the coarse data "
-                f"(has {sorted(map(str, cds.data_vars))})"
-            )
-        c_arrays.append(var)
-    f_arrays = []
-    for name in out_vars:
-        var = find_variable(fds, name)
-        if var is None:
-            raise KeyError(
-                f"output variable {name!r} is not in the fine data "
-                f"(has {sorted(map(str, fds.data_vars))})"
-            )
-        f_arrays.append(var)
+
+    def gather(ds, names, role, where, extra=None):
+        arrays = []
+        for name in names:
+            var = (extra or {}).get(name)
+            if var is None:
+                var = find_variable(ds, name)
+            if var is None:
+                raise KeyError(
+                    f"{role} variable {name!r} is not in the {where} data "
+                    f"(has {sorted(map(str, ds.data_vars))})"
+                )
+            arrays.append(var)
+        return arrays
+
+    c_arrays = gather(cds, in_vars, "input", "coarse", statics)
+    f_arrays = gather(fds, out_vars, "output", "fine")
     ref = f_arrays[0]
     times = ref[time_dim].values if time_dim in ref.dims else np.arange(1)
 

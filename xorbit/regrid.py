@@ -112,6 +112,15 @@ def upsample_array(a: np.ndarray, factor: int, method: str, periodic: bool = Fal
     return up.reshape(*lead, ny * factor, nx * factor).numpy().astype(a.dtype, copy=False)
 
 
+def _apply_spatial(data, shape_out, dtype, func, *args):
+    """``func(block, *args)`` over whole ``(y, x)`` planes; lazy on Dask input."""
+    if isinstance(data, da.Array):
+        data = data.rechunk({-2: -1, -1: -1})
+        chunks = (*data.chunks[:-2], (shape_out[0],), (shape_out[1],))
+        return data.map_blocks(func, *args, chunks=chunks, dtype=dtype)
+    return func(np.asarray(data, dtype=np.result_type(data.dtype, dtype)), *args)
+
+
 def interpolate(
     obj: xr.DataArray | xr.Dataset,
     factor: int,
@@ -155,19 +164,16 @@ def interpolate(
         fine = grid.fine_grid(src, factor, ydim, xdim)
         target = xr.Dataset(coords=fine)
         return regrid(obj, target, "conservative", periodic=periodic)
-    data = src.data
-    if isinstance(data, da.Array):
-        data = data.rechunk({-2: -1, -1: -1})
-        up = data.map_blocks(
-            upsample_array,
-            factor,
-            method,
-            bool(periodic),
-            chunks=(*data.chunks[:-2], (data.shape[-2] * factor,), (data.shape[-1] * factor,)),
-            dtype=data.dtype,
-        )
-    else:
-        up = upsample_array(np.asarray(data), factor, method, bool(periodic))
+    ny, nx = src.shape[-2:]
+    up = _apply_spatial(
+        src.data,
+        (ny * factor, nx * factor),
+        src.dtype,
+        upsample_array,
+        factor,
+        method,
+        bool(periodic),
+    )
     coords = {
         n: c for n, c in grid.fine_grid(src, factor, ydim, xdim).items() if "bnds" not in c.dims
     }
@@ -210,18 +216,9 @@ def regrid(
         )
         dims = [d for d in obj.dims if d not in (ydim, xdim)] + [ydim, xdim]
         src = obj.transpose(*dims)
-        data = src.data
-        if isinstance(data, da.Array):
-            data = data.rechunk({-2: -1, -1: -1})
-            out = data.map_blocks(
-                _apply_separable,
-                w_lat,
-                w_lon,
-                chunks=(*data.chunks[:-2], (len(w_lat),), (len(w_lon),)),
-                dtype=np.float64,
-            )
-        else:
-            out = _apply_separable(np.asarray(data, np.float64), w_lat, w_lon)
+        out = _apply_spatial(
+            src.data, (len(w_lat), len(w_lon)), np.float64, _apply_separable, w_lat, w_lon
+        )
         coords = {n: c for n, c in src.coords.items() if ydim not in c.dims and xdim not in c.dims}
         coords[ydim] = target[ty].rename({ty: ydim}) if ty != ydim else target[ty]
         coords[xdim] = target[tx].rename({tx: xdim}) if tx != xdim else target[tx]
