@@ -17,10 +17,9 @@ import torch
 
 
 def run(mode: str, epochs: int) -> float:
-    from xorbit import ReslimConfig
-    from xorbit.data import coarsen
+    from xorbit import ReslimConfig, coarsen
     from xorbit.datasets import hadcm3_air_temperature
-    from xorbit.train import train
+    from xorbit.training import train
 
     fine = hadcm3_air_temperature().isel(time=slice(0, 160))
     coarse = coarsen(fine, 4)

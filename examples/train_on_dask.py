@@ -10,7 +10,7 @@ HPC system (``cluster.scale(jobs=N)``).  See docs/training.md.
 from distributed import Client, LocalCluster
 
 import xorbit
-from xorbit.data import coarsen
+from xorbit import coarsen
 from xorbit.datasets import hadcm3_air_temperature
 
 
@@ -30,7 +30,6 @@ def main() -> None:
         interp_skip="bicubic",
         drop_path=0.0,
         drop_rate=0.0,
-        tv_lambda=0.001,
     )
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
@@ -44,6 +43,7 @@ def main() -> None:
             epochs=60,
             batch_size=8,  # global: 4 per rank
             lr=3e-3,
+            tv_lambda=0.001,
             client=client,
             checkpoint_dir="dask-run",
             device="cpu",

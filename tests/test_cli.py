@@ -5,8 +5,8 @@ import pytest
 import xarray as xr
 import yaml
 
+from xorbit import coarsen
 from xorbit.cli import main
-from xorbit.data import coarsen
 from xorbit.datasets import hadcm3_air_temperature
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import xarray as xr
 
-from xorbit.cli import format_table, run_demo
+from xorbit.demo import format_table, run_demo
 
 
 def test_demo_beats_bicubic_on_held_out_years(tmp_path):

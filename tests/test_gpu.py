@@ -24,8 +24,8 @@ def test_downscale_on_cuda_matches_cpu_within_bf16():
 
 def test_training_on_cuda_learns():
     from tests.test_train import fine_field, small_config
-    from xorbit.data import coarsen
-    from xorbit.train import train
+    from xorbit import coarsen
+    from xorbit.training import train
 
     fine = fine_field()
     dsr = train(

@@ -7,7 +7,7 @@ import xarray as xr
 
 import xorbit
 from tests.datasets import tiny_config
-from xorbit.data import coarsen
+from xorbit import coarsen
 from xorbit.datasets import hadcm3_air_temperature
 from xorbit.io import bitround, to_netcdf
 

@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 
 from tests.test_accessor import coarse_field
-from xorbit.data import coarsen
+from xorbit import coarsen
 from xorbit.datasets import hadcm3_air_temperature
 from xorbit.metrics import anomaly_r2, bias, r2, rmse
 from xorbit.regrid import interpolate, upsample_array

@@ -9,9 +9,10 @@ import xarray as xr
 
 import xorbit
 from tests.datasets import powerlaw_field
-from xorbit.data import PairedCrops, coarsen, compute_stats, pair_arrays, split_time
-from xorbit.train import load_state, train
-from xorbit.train.loop import lr_factor
+from xorbit import coarsen
+from xorbit.training import load_state, train
+from xorbit.training.loop import lr_factor
+from xorbit.training.samples import PairedCrops, compute_stats, pair_arrays, split_time
 
 
 def fine_field(nt=16, n=32, seed=0):
@@ -41,7 +42,6 @@ def small_config(**kw):
         num_heads=2,
         drop_path=0.0,
         drop_rate=0.0,
-        warmup_epochs=1,
     )
     params.update(kw)
     return xorbit.ReslimConfig(**params)
@@ -141,8 +141,16 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path):
     # the model file written each epoch is the final model
     saved = xorbit.load(ckpt / "model.xorbit")
     assert max_diff(weights(saved), weights(full)) == 0.0
-    with pytest.raises(ValueError, match="trained with another config"):
+    with pytest.raises(
+        ValueError, match=r"another model architecture \(differs in \['embed_dim'\]"
+    ):
         train(coarse, fine, small_config(embed_dim=32), checkpoint_dir=ckpt, resume=True, **kw)
+    # a changed learning rate is a training option: resuming with it is allowed
+    ckpt2 = tmp_path / "run2"
+    train(coarse, fine, small_config(), checkpoint_dir=ckpt2, stop_after=1, **kw)
+    lower = train(coarse, fine, small_config(), checkpoint_dir=ckpt2, resume=True, lr=1e-4, **kw)
+    assert lower.history[1]["lr"] < full.history[1]["lr"]
+    assert max_diff(weights(lower), weights(full)) > 0
     with pytest.raises(FileNotFoundError, match="no training state"):
         train(coarse, fine, small_config(), resume=tmp_path / "none", **kw)
 
@@ -184,8 +192,8 @@ class FailingOnRankOne(PairedCrops):
 
 @pytest.mark.distributed
 def test_a_failing_rank_fails_the_call(client):
-    from xorbit.train.distributed import fit_distributed
-    from xorbit.train.loop import TrainOptions
+    from xorbit.training.distributed import fit_distributed
+    from xorbit.training.loop import TrainOptions
 
     fine = fine_field(nt=8)
     coarse = coarsen(fine, 4)
@@ -205,7 +213,7 @@ def test_a_static_input_missing_from_a_dataarray_is_named():
 
 
 def test_the_best_validation_epoch_is_kept():
-    from xorbit.train import validate
+    from xorbit.training import validate
 
     fine = fine_field()
     coarse = coarsen(fine, 4)

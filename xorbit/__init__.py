@@ -8,7 +8,8 @@ from ._version import __version__
 from .downscaler import Downscaler, load
 from .metrics import evaluate
 from .model import CheckpointError, Reslim, ReslimConfig
-from .train import train
+from .training import train
+from .training.samples import coarsen
 
 __all__ = [
     "CheckpointError",
@@ -16,6 +17,7 @@ __all__ = [
     "Reslim",
     "ReslimConfig",
     "__version__",
+    "coarsen",
     "evaluate",
     "load",
     "train",

@@ -32,11 +32,11 @@ import xarray as xr
 
 from . import grid
 from ._version import __version__
-from .data import COORDINATE_FIELDS, as_dataset, coordinate_fields, find_variable
 from .downscaler import Downscaler
 from .engine import ModelHandle, default_device, predict_block
 from .tiles import TilePlan, block_chunks
 from .units import to_model_units
+from .variables import COORDINATE_FIELDS, as_dataset, coordinate_fields, find_variable
 
 __all__ = ["OrbitDataArrayAccessor", "OrbitDatasetAccessor", "downscale"]
 

@@ -22,7 +22,7 @@ from .model.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from .model.config import ReslimConfig
 from .model.reslim import Reslim
 
-__all__ = ["Downscaler", "load"]
+__all__ = ["Downscaler", "load", "training_grid"]
 
 
 @dataclass
@@ -44,6 +44,13 @@ class Downscaler:
         Output variables clamped at zero after denormalization (precipitation).
     history
         Per-epoch training record (loss, validation RMSE) when trained.
+    grid
+        Facts about the coarse grid it was trained on (`training_grid`):
+        ``y_ascending`` / ``x_ascending`` (coordinate order), ``dy`` / ``dx``
+        (spacing in the coordinates' units), ``multi_resolution``.  Downscaling
+        flips inputs to the training orientation and back, and warns on a
+        spacing far from the training one.  Empty for models saved before
+        xorbit 0.2 (then inputs are used as they come).
     """
 
     model: Reslim
@@ -53,6 +60,7 @@ class Downscaler:
     attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonnegative: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+    grid: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for v in self.config.in_vars:
@@ -142,6 +150,7 @@ class Downscaler:
             "attrs": {k: dict(v) for k, v in self.attrs.items()},
             "nonnegative": list(self.nonnegative),
             "history": [dict(h) for h in self.history],
+            "grid": dict(self.grid),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -161,7 +170,23 @@ class Downscaler:
             attrs={k: dict(v) for k, v in extra.get("attrs", {}).items()},
             nonnegative=list(extra.get("nonnegative", [])),
             history=[dict(h) for h in extra.get("history", [])],
+            grid=dict(extra.get("grid", {})),
         )
+
+
+def training_grid(y: Any, x: Any, multi_resolution: bool = False) -> dict[str, Any]:
+    """The grid facts a `Downscaler` records: orientation and spacing of ``y`` and ``x``.
+
+    ``y``, ``x`` are 1-D coordinate arrays (latitude, longitude) of the coarse
+    training grid.
+    """
+    facts: dict[str, Any] = {"multi_resolution": bool(multi_resolution)}
+    for name, coord in (("y", y), ("x", x)):
+        values = np.asarray(coord, dtype=np.float64)
+        steps = np.diff(values)
+        facts[f"{name}_ascending"] = bool(values.size < 2 or steps[0] > 0)
+        facts[f"d{name}"] = float(np.median(np.abs(steps))) if steps.size else None
+    return facts
 
 
 def load(path: str | os.PathLike, map_location: str = "cpu") -> Downscaler:

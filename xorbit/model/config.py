@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["PRESETS", "REFERENCE_IN_VARS", "REFERENCE_OUT_VARS", "ReslimConfig"]
+__all__ = ["PRESETS", "REFERENCE_IN_VARS", "REFERENCE_OUT_VARS", "TRAINING_KEYS", "ReslimConfig"]
 
 # The 23 inputs and 3 outputs of the published ORBIT-2 configurations, the four
 # static fields first.  Useful for presets that should match the reference counts.
@@ -42,16 +42,20 @@ REFERENCE_IN_VARS = (
 )
 REFERENCE_OUT_VARS = ("total_precipitation_24hr", "2m_temperature_min", "2m_temperature_max")
 
-# Preset overrides.  Width, depth and heads follow the paper's table; the learning
-# rate and batch size are the reference training defaults for each size.
+# Preset overrides: width, depth and heads follow the paper's table.  Their
+# training defaults (learning rate, batch size) are `xorbit.training.TrainOptions`'.
 PRESETS: dict[str, dict[str, Any]] = {
-    "9.5m": dict(embed_dim=256, depth=6, decoder_depth=4, num_heads=4, lr=2e-3, batch_size=32),
-    "126m": dict(embed_dim=1024, depth=8, decoder_depth=4, num_heads=16, lr=5e-4, batch_size=8),
-    "1b": dict(embed_dim=3072, depth=8, decoder_depth=4, num_heads=24, lr=5e-4, batch_size=4),
-    "10b": dict(embed_dim=8192, depth=11, decoder_depth=4, num_heads=32, lr=5e-4, batch_size=1),
+    "9.5m": dict(embed_dim=256, depth=6, decoder_depth=4, num_heads=4),
+    "126m": dict(embed_dim=1024, depth=8, decoder_depth=4, num_heads=16),
+    "1b": dict(embed_dim=3072, depth=8, decoder_depth=4, num_heads=24),
+    "10b": dict(embed_dim=8192, depth=11, decoder_depth=4, num_heads=32),
     # Not in the paper: a model small enough to train on a laptop CPU in minutes.
-    "tiny": dict(embed_dim=64, depth=2, decoder_depth=1, num_heads=4, lr=2e-3, batch_size=16),
+    "tiny": dict(embed_dim=64, depth=2, decoder_depth=1, num_heads=4),
 }
+
+# Training hyper-parameters that configs of xorbit 0.1 carried.  Old checkpoints
+# and training states still hold them: `ReslimConfig.from_dict` drops them.
+TRAINING_KEYS = ("lr", "batch_size", "weight_decay", "warmup_epochs", "tv_lambda", "var_weights")
 
 Unpatchify = Literal["local", "reference"]
 
@@ -89,8 +93,10 @@ class ReslimConfig:
         variables' coarse fields to the output, so the network learns only the
         correction (not in the reference; helps extrapolation to values outside
         the training range).  ``"none"``: the reference architecture.
-    lr, batch_size, weight_decay, warmup_epochs, tv_lambda, var_weights
-        Training defaults carried with the model so that a preset is complete.
+
+    The architecture only: training hyper-parameters (learning rate, batch
+    size, TV weight ...) are `xorbit.training.TrainOptions`, with defaults per
+    preset (`xorbit.training.TrainOptions.for_config`).
     """
 
     in_vars: list[str]
@@ -111,20 +117,12 @@ class ReslimConfig:
     learn_pos_embed: bool = False
     unpatchify: Unpatchify = "local"
     interp_skip: Literal["none", "bilinear", "bicubic"] = "none"
-    # training defaults
-    lr: float = 2e-3
-    batch_size: int = 32
-    weight_decay: float = 1e-5
-    warmup_epochs: int = 2
-    tv_lambda: float = 0.02
-    var_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.in_vars = list(self.in_vars)
         self.out_vars = list(self.out_vars)
         self.static_vars = list(self.static_vars)
         self.img_size = tuple(int(s) for s in self.img_size)  # YAML gives lists
-        self.var_weights = dict(self.var_weights)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -168,9 +166,6 @@ class ReslimConfig:
                 "ReslimConfig: interp_skip must be 'none', 'bilinear' or 'bicubic', "
                 f"got {self.interp_skip!r}"
             )
-        unknown = sorted(set(self.var_weights) - set(self.out_vars))
-        if unknown:
-            raise ValueError(f"ReslimConfig: var_weights names non-output variables {unknown}")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -205,6 +200,12 @@ class ReslimConfig:
             For an unknown preset name; the message lists the known ones.
         """
         key = str(name).lower()
+        moved = sorted(set(overrides) & set(TRAINING_KEYS))
+        if moved:
+            raise TypeError(
+                f"ReslimConfig.preset: {moved} are training options, not architecture; pass "
+                "them to xorbit.train(..., lr=..., batch_size=...) or as TrainOptions"
+            )
         if key not in PRESETS:
             raise KeyError(f"unknown Reslim preset {name!r}; known presets: {sorted(PRESETS)}")
         if in_vars is None:
@@ -230,8 +231,13 @@ class ReslimConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReslimConfig:
-        """Inverse of `to_dict`; unknown keys raise a ``ValueError`` naming them."""
+        """Inverse of `to_dict`; unknown keys raise a ``ValueError`` naming them.
+
+        The training keys of xorbit 0.1 configs (`TRAINING_KEYS`) are dropped, so
+        old checkpoints load.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in TRAINING_KEYS}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"ReslimConfig: unknown keys {unknown}; known keys: {sorted(names)}")
@@ -243,6 +249,13 @@ class ReslimConfig:
     @classmethod
     def from_yaml(cls, text: str) -> ReslimConfig:
         return cls.from_dict(yaml.safe_load(text))
+
+    def preset_name(self) -> str | None:
+        """The preset whose width, depth and heads this config has, if any."""
+        for name, params in PRESETS.items():
+            if all(getattr(self, k) == v for k, v in params.items()):
+                return name
+        return None
 
     def replace(self, **changes: Any) -> ReslimConfig:
         """A copy with some fields changed (validated again)."""

@@ -1,0 +1,257 @@
+"""Training samples: statistics, coarse/fine pairing, time splits and aligned crops.
+
+The xarray side (`coarsen`, `compute_stats`, `pair_arrays`, `split_time`)
+checks that a coarse and a fine object describe the same cells and turns them
+into plain arrays; the torch side (`PairedCrops`) cuts exactly co-located random
+crops from those arrays (fine crop = coarse crop × factor), deterministic in
+``(seed, epoch, index)`` so that every DDP rank and every resumed run sees the
+same samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import dask
+import numpy as np
+import torch
+import xarray as xr
+
+from .. import grid
+from ..variables import as_dataset, gather
+
+__all__ = [
+    "PairedArrays",
+    "PairedCrops",
+    "coarsen",
+    "compute_stats",
+    "pair_arrays",
+    "split_time",
+]
+
+
+def coarsen(
+    fine: xr.DataArray | xr.Dataset,
+    factor: int,
+    ydim: str | None = None,
+    xdim: str | None = None,
+) -> xr.DataArray | xr.Dataset:
+    """Cell-average ``factor × factor`` blocks: the coarse twin of a fine field.
+
+    Rows and columns beyond a multiple of ``factor`` are dropped (say so with a
+    clear shape); a NaN anywhere in a block makes the coarse cell NaN.  The
+    coarse coordinates are the means of the fine ones.
+    """
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"coarsen: factor must be a positive integer, got {factor!r}")
+    if ydim is None or xdim is None:
+        ydim, xdim = grid.spatial_dims(fine)
+    # np.mean, not the nan-skipping default: a block with a gap is not a full cell
+    out = fine.coarsen({ydim: factor, xdim: factor}, boundary="trim").reduce(np.mean)
+    return out.assign_attrs(fine.attrs)
+
+
+def compute_stats(
+    arrays: Mapping[str, xr.DataArray],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and standard deviation of each array, computed with Dask in one pass.
+
+    NaN is skipped.  A constant field gets std 1 (so that normalizing it gives
+    zeros, not NaN).
+
+    Raises
+    ------
+    ValueError
+        If a variable has no finite value.
+    """
+    names = list(arrays)
+    lazy = []
+    for n in names:
+        a = arrays[n]
+        lazy += [a.mean(skipna=True), a.std(skipna=True)]
+    values = dask.compute(*lazy)
+    mean, std = {}, {}
+    for i, n in enumerate(names):
+        m, s = float(values[2 * i]), float(values[2 * i + 1])
+        if not np.isfinite(m):
+            raise ValueError(f"variable {n!r} has no finite value to compute statistics from")
+        mean[n], std[n] = m, (s if np.isfinite(s) and s > 0 else 1.0)
+    return mean, std
+
+
+@dataclass
+class PairedArrays:
+    """Normalized numpy training arrays.
+
+    ``coarse [T, C, h, w]`` (NaN kept), ``fine [T, V, h k, w k]`` (NaN kept, a
+    missing target), ``fine_lat [h k]`` in degrees, ``times`` the labels of T,
+    ``periodic`` whether the longitude wraps around (validation tiles it so).
+    """
+
+    coarse: np.ndarray
+    fine: np.ndarray
+    fine_lat: np.ndarray
+    times: np.ndarray
+    periodic: bool = False
+
+    def __len__(self) -> int:
+        return self.coarse.shape[0]
+
+    def select(self, index) -> PairedArrays:
+        return PairedArrays(
+            self.coarse[index], self.fine[index], self.fine_lat, self.times[index], self.periodic
+        )
+
+
+def pair_arrays(
+    coarse: xr.DataArray | xr.Dataset,
+    fine: xr.DataArray | xr.Dataset,
+    in_vars: Sequence[str],
+    out_vars: Sequence[str],
+    factor: int,
+    mean: Mapping[str, float],
+    std: Mapping[str, float],
+    time_dim: Hashable = "time",
+    static_vars: Sequence[str] = (),
+) -> PairedArrays:
+    """Check that ``coarse`` and ``fine`` line up and return normalized arrays.
+
+    Variables are found by name, then by ``standard_name``; the names in
+    `COORDINATE_FIELDS` are made from coordinates.  The fine grid must be the
+    coarse grid split ``factor`` times (checked on the coordinates, to a
+    hundredth of a fine cell).
+
+    Raises
+    ------
+    KeyError
+        Naming a variable found in neither object.
+    ValueError
+        If the grids or the time axes do not line up.
+    """
+    dynamic = [v for v in in_vars if v not in static_vars]
+    cds = as_dataset(coarse, list(in_vars), candidates=dynamic)
+    fds = as_dataset(fine, list(out_vars))
+    ydim, xdim = grid.spatial_dims(cds)
+    fy, fx = grid.spatial_dims(fds)
+    expected = (cds.sizes[ydim] * factor, cds.sizes[xdim] * factor)
+    if (fds.sizes[fy], fds.sizes[fx]) != expected:
+        raise ValueError(
+            f"the fine grid is {fds.sizes[fy]} x {fds.sizes[fx]} but the coarse grid "
+            f"{cds.sizes[ydim]} x {cds.sizes[xdim]} times factor {factor} is "
+            f"{expected[0]} x {expected[1]}; crop the fine field to a multiple of the factor "
+            "(xorbit.coarsen makes a matching coarse field)"
+        )
+    refined = grid.fine_grid(cds, factor, ydim, xdim)
+    for cdim, fdim in ((ydim, fy), (xdim, fx)):
+        step = np.abs(np.diff(fds[fdim].values)).min() if fds.sizes[fdim] > 1 else 1.0
+        off = np.abs(refined[cdim].values - fds[fdim].values).max()
+        if off > 0.01 * step:
+            raise ValueError(
+                f"fine coordinate {fdim!r} is not the coarse {cdim!r} split {factor} times "
+                f"(off by up to {off:.4g}); coarse and fine must describe the same cells"
+            )
+    if time_dim in cds.dims and time_dim in fds.dims:
+        if cds.sizes[time_dim] != fds.sizes[time_dim] or not np.array_equal(
+            cds[time_dim].values, fds[time_dim].values
+        ):
+            raise ValueError(f"coarse and fine {time_dim!r} axes differ; align them first")
+    c_arrays = list(
+        gather([cds], in_vars, ydim=ydim, xdim=xdim, role="input", where="the coarse data").values()
+    )
+    f_arrays = list(
+        gather([fds], out_vars, ydim=fy, xdim=fx, role="output", where="the fine data").values()
+    )
+    ref = f_arrays[0]
+    times = ref[time_dim].values if time_dim in ref.dims else np.arange(1)
+
+    def stack(arrays, names, y, x):
+        out = []
+        for a, n in zip(arrays, names, strict=True):
+            if time_dim not in a.dims:
+                a = a.expand_dims({time_dim: len(times)})
+            extra = [d for d in a.dims if d not in (time_dim, y, x)]
+            if extra:
+                raise ValueError(
+                    f"variable {n!r} has dims {extra} besides time and space; select them first"
+                )
+            a = a.transpose(time_dim, y, x)
+            out.append((np.asarray(a.values, np.float32) - mean[n]) / std[n])
+        return np.stack(out, axis=1).astype(np.float32)
+
+    return PairedArrays(
+        coarse=stack(c_arrays, list(in_vars), ydim, xdim),
+        fine=stack(f_arrays, list(out_vars), fy, fx),
+        fine_lat=np.asarray(fds[fy].values, np.float64),
+        times=np.asarray(times),
+        periodic=bool(grid.is_global_longitude(cds[xdim], cds)),
+    )
+
+
+def split_time(n: int, val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a train / validation split along time: the last part validates.
+
+    Time series are autocorrelated: a random split would leak neighbours of
+    validation years into training.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    if n - n_val < 1:
+        raise ValueError(f"nothing left to train on: {n} time steps, {n_val} for validation")
+    idx = np.arange(n)
+    return idx[: n - n_val], idx[n - n_val :]
+
+
+class PairedCrops(torch.utils.data.Dataset):
+    """Random co-located crops of coarse and fine arrays.
+
+    Item ``i`` of epoch ``e`` is a crop of time step ``i % T`` at an offset drawn
+    from a generator seeded with ``(seed, e, i)``: the same on every rank and
+    after a resume.  Returns ``(coarse [C, ch, cw] with NaN as 0, fine [V, ch k,
+    cw k] with NaN kept, row latitudes [ch k])``.
+    """
+
+    def __init__(
+        self,
+        data: PairedArrays,
+        crop: tuple[int, int],
+        factor: int,
+        crops_per_time: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.data, self.factor, self.seed = data, int(factor), int(seed)
+        h, w = data.coarse.shape[-2:]
+        self.crop = (min(int(crop[0]), h), min(int(crop[1]), w))
+        self.crops_per_time = max(1, int(crops_per_time))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data) * self.crops_per_time
+
+    def __getitem__(self, i: int):
+        t = i % len(self.data)
+        h, w = self.data.coarse.shape[-2:]
+        ch, cw = self.crop
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        y0 = int(rng.integers(0, h - ch + 1))
+        x0 = int(rng.integers(0, w - cw + 1))
+        k = self.factor
+        x = self.data.coarse[t, :, y0 : y0 + ch, x0 : x0 + cw]
+        y = self.data.fine[t, :, y0 * k : (y0 + ch) * k, x0 * k : (x0 + cw) * k]
+        lat = self.data.fine_lat[y0 * k : (y0 + ch) * k]
+        return (
+            torch.from_numpy(np.nan_to_num(x, nan=0.0)),
+            torch.from_numpy(np.ascontiguousarray(y)),
+            torch.from_numpy(lat.copy()),
+        )
+
+    def batch(self, indices: Sequence[int]):
+        """Stack the items ``indices`` into a batch."""
+        items = [self[int(i)] for i in indices]
+        return tuple(torch.stack(parts) for parts in zip(*items, strict=True))
