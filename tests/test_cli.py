@@ -145,3 +145,75 @@ def test_help_for_every_command(capsys):
             main([cmd, "--help"])
         assert exit_.value.code == 0
         assert "usage: xorbit " + cmd in capsys.readouterr().out
+
+
+def grid_file(path, values, lat, lon):
+    """A small CF netCDF file ``tas (time, lat, lon)`` with the given coordinates."""
+    ds = xr.Dataset(
+        {"tas": (("time", "lat", "lon"), values, {"units": "K"})},
+        coords={
+            "time": ("time", np.arange(values.shape[0]), {"units": "days since 2000-01-01"}),
+            "lat": ("lat", lat, {"standard_name": "latitude", "units": "degrees_north"}),
+            "lon": ("lon", lon, {"standard_name": "longitude", "units": "degrees_east"}),
+        },
+    )
+    ds.to_netcdf(path)
+    return str(path)
+
+
+def printed_scores(out):
+    lines = out.splitlines()
+    header, row = lines[0].split(), lines[1].split()
+    assert row[0] == "tas"
+    return dict(zip(header[1:], map(float, row[1:]), strict=True))
+
+
+@pytest.fixture
+def pred_truth():
+    lat = np.arange(30.0, 62.0, 2.0)  # 16 rows, 2 degree step
+    lon = np.arange(0.5, 24.0, 2.0)  # 12 columns
+    rng = np.random.default_rng(3)
+    truth = 280 + 15 * np.cos(np.deg2rad(lat))[None, :, None] + rng.normal(size=(4, 16, 12))
+    pred = truth + rng.normal(scale=0.7, size=truth.shape)
+    return lat, lon, pred, truth
+
+
+def test_evaluate_reorders_a_truth_whose_latitude_runs_the_other_way(pred_truth, tmp_path, capsys):
+    lat, lon, pred, truth = pred_truth
+    p = grid_file(tmp_path / "pred.nc", pred, lat, lon)
+    # north to south, data flipped with it: the same field, stored the other way
+    t = grid_file(tmp_path / "truth.nc", truth[:, ::-1], lat[::-1], lon)
+    assert main(["evaluate", p, t]) == 0
+    expected = np.sqrt(np.mean((pred - truth) ** 2))
+    assert printed_scores(capsys.readouterr().out)["rmse"] == pytest.approx(expected, rel=1e-3)
+    # a truth with its longitude off by float round-off only is taken as the same grid
+    t = grid_file(tmp_path / "truth2.nc", truth[..., ::-1], lat, lon[::-1] + 1e-5)
+    b = grid_file(tmp_path / "base.nc", truth[:, ::-1] + 1.5, lat[::-1], lon)
+    assert main(["evaluate", p, t, "--baseline", b]) == 0
+    scores = printed_scores(capsys.readouterr().out)
+    assert scores["rmse"] == pytest.approx(expected, rel=1e-3)
+    assert scores["rmse_baseline"] == pytest.approx(1.5, rel=1e-3)
+    assert scores["skill_rmse"] == pytest.approx(1 - expected / 1.5, rel=1e-3)
+
+
+def test_evaluate_selects_the_prediction_grid_from_a_larger_truth(pred_truth, tmp_path, capsys):
+    lat, lon, pred, truth = pred_truth
+    p = grid_file(tmp_path / "pred.nc", pred[:, 2:12, 1:10], lat[2:12], lon[1:10])
+    t = grid_file(tmp_path / "truth.nc", truth, lat, lon)
+    assert main(["evaluate", p, t]) == 0
+    expected = np.sqrt(np.mean((pred - truth)[:, 2:12, 1:10] ** 2))
+    assert printed_scores(capsys.readouterr().out)["rmse"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_evaluate_refuses_a_truth_on_another_grid(pred_truth, tmp_path, capsys):
+    lat, lon, pred, truth = pred_truth
+    p = grid_file(tmp_path / "pred.nc", pred, lat, lon)
+    # same sizes, latitude shifted by half a cell: not the same points
+    t = grid_file(tmp_path / "truth.nc", truth, lat + 1.0, lon)
+    assert main(["evaluate", p, t]) == 1
+    err = one_line_error(capsys, "evaluate")
+    assert "'lat'" in err and "offset by up to 1" in err
+    t = grid_file(tmp_path / "truth2.nc", truth, lat, lon + 0.25)
+    assert main(["evaluate", p, t]) == 1
+    err = one_line_error(capsys, "evaluate")
+    assert "'lon'" in err and "offset by up to 0.25" in err

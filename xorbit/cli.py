@@ -139,26 +139,55 @@ def _downscale(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+
     from . import grid
     from .metrics import evaluate
+
+    def on_pred_grid(other, label):
+        """``other`` at the prediction's latitude / longitude values, matched by value.
+
+        Matching by position would score a file stored north to south against
+        the wrong rows; by value it is reordered (or cut from a larger domain)
+        instead.  Round-off up to a hundredth of the grid step is tolerated;
+        anything more means another grid and is refused.
+        """
+        for dim in (ydim, xdim):
+            if dim not in other.dims:
+                raise ValueError(
+                    f"the {label} has no dimension {dim!r} (has {tuple(map(str, other.dims))})"
+                )
+            want = pred[dim].values.astype(np.float64)
+            have = np.sort(other[dim].values.astype(np.float64))
+            steps = np.abs(np.diff(want if want.size > 1 else have))
+            tol = 0.01 * (steps.min() if steps.size else 1.0)
+            nearest = have[pd.Index(have).get_indexer(want, method="nearest")]
+            offset = float(np.abs(nearest - want).max())
+            if offset > tol:
+                raise ValueError(
+                    f"the {label}'s {dim!r} values are not the prediction's: offset by up to "
+                    f"{offset:.4g} (tolerated: {tol:.2g}, a hundredth of the grid step); "
+                    f"regrid the {label} first"
+                )
+            other = other.sortby(dim).reindex(
+                {dim: pred[dim].values}, method="nearest", tolerance=tol
+            )
+        return other
 
     pred, truth = _open(args.pred), _open(args.truth)
     ydim, xdim = grid.spatial_dims(pred)
     names = args.var or [v for v in pred.data_vars if {ydim, xdim} <= set(pred[v].dims)]
     pred = _select(pred, names)
-    truth = _select(truth, names)
-    truth = (
-        truth.assign_coords({ydim: pred[ydim], xdim: pred[xdim]})
-        if (truth.sizes.get(ydim) == pred.sizes[ydim] and truth.sizes.get(xdim) == pred.sizes[xdim])
-        else truth
-    )
-    base = _select(_open(args.baseline), names) if args.baseline else None
+    truth = on_pred_grid(_select(truth, names), "truth")
+    base = on_pred_grid(_select(_open(args.baseline), names), "baseline") if args.baseline else None
     scores = evaluate(pred, truth, baseline=base).compute()
-    cols = [k for k in scores.data_vars]
-    print("variable".ljust(18) + "".join(f"{c:>12}" for c in cols))
+    # a column at least one wider than its name: "rmse_baseline" would run into its neighbour
+    cols = {str(k): max(12, len(str(k)) + 1) for k in scores.data_vars}
+    print("variable".ljust(18) + "".join(f"{c:>{w}}" for c, w in cols.items()))
     for v in scores.variable.values:
         row = scores.sel(variable=v)
-        print(str(v).ljust(18) + "".join(f"{float(row[c]):>12.4g}" for c in cols))
+        print(str(v).ljust(18) + "".join(f"{float(row[c]):>{w}.4g}" for c, w in cols.items()))
     return 0
 
 
