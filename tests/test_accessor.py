@@ -233,7 +233,9 @@ def test_variables_found_by_standard_name(field):
 
 
 def test_errors_name_the_problem(field, dsr):
-    with pytest.raises(KeyError, match=r"needs input variables \['tas', 'orog'\].*among \['pr'\]"):
+    with pytest.raises(
+        KeyError, match=r"input variables 'tas', 'orog' are not in .*holds \['pr'\]"
+    ):
         xr.Dataset({"pr": field}).orbit.downscale(
             xorbit.Downscaler.from_config(tiny_config()), device="cpu"
         )
@@ -280,3 +282,68 @@ def test_nonnegative_outputs_are_clamped_after_denormalizing(field):
     assert (a < 0).mean() > 0.9
     assert b.min() == 0.0
     np.testing.assert_array_equal(b, np.maximum(a, 0))
+
+
+def oriented(dsr, field):
+    """``dsr`` with the facts of ``field``'s grid recorded, as training records them."""
+    from xorbit.downscaler import training_grid
+
+    return xorbit.Downscaler(
+        model=dsr.model,
+        mean=dsr.mean,
+        std=dsr.std,
+        units=dsr.units,
+        grid=training_grid(field.lat, field.lon),
+    )
+
+
+def test_latitude_order_of_the_input_does_not_change_the_answer(field, dsr):
+    """ERA5 runs north to south: the same field upside down used to give another answer."""
+    field = field.assign_coords(lat=field.lat - 60)  # real latitudes: -45 to 50
+    model = oriented(dsr, field)  # trained on ascending latitude
+    up = field.orbit.downscale(model, tile=4, halo=2, device="cpu")
+    flipped = field.isel(lat=slice(None, None, -1))
+    down = flipped.chunk(lat=7).orbit.downscale(model, tile=4, halo=2, device="cpu")
+    assert (np.diff(down.lat.values) < 0).all()  # the caller's order is kept
+    np.testing.assert_allclose(down.sortby("lat").values, up.values, rtol=0, atol=1e-4)
+    # a Dataset keeps its bounds in the caller's order too
+    ds = flipped.to_dataset().orbit.downscale(model, tile=4, halo=2, device="cpu")
+    assert (np.diff(ds.lat_bnds.values[:, 0]) < 0).all()
+    np.testing.assert_allclose(ds.tas.sortby("lat").values, up.values, rtol=0, atol=1e-4)
+    # a model that records no grid uses the input as given, and says so once
+    xorbit.accessor._WARNED.clear()
+    with pytest.warns(xorbit.accessor.GridWarning, match="records no training grid"):
+        field.orbit.downscale(dsr, tile=4, halo=2, device="cpu")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        field.orbit.downscale(dsr, tile=4, halo=2, device="cpu")
+
+
+def test_a_far_grid_spacing_warns(field, dsr):
+    model = oriented(dsr, field)  # 5 x 7.5 degrees
+    fine_grid = field.assign_coords(lat=0.25 * np.arange(20), lon=0.25 * np.arange(28))
+    with pytest.warns(xorbit.accessor.GridWarning, match=r"'lat' spacing is 0\.25.*spacing 5 "):
+        fine_grid.orbit.downscale(model, tile=4, halo=2, device="cpu")
+    model.grid["multi_resolution"] = True
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine_grid.orbit.downscale(model, tile=4, halo=2, device="cpu")
+        field.orbit.downscale(oriented(dsr, field), tile=4, halo=2, device="cpu")
+
+
+def test_an_unnamed_array_is_never_taken_for_a_static_field(field):
+    """Its first input used to be guessed, even when that was orography."""
+    cfg = tiny_config(in_vars=["orog", "tas"], out_vars=["tas"], static_vars=["orog"])
+    dsr = xorbit.Downscaler.from_config(cfg, mean={"tas": 280.0, "orog": 0.0})
+    unnamed = field.rename(None).drop_attrs()
+    orog = xr.Dataset({"orog": field.isel(time=0, drop=True) * 0 + 100.0})
+    out = unnamed.orbit.downscale(dsr, static=orog, tile=4, halo=2, device="cpu")
+    named = field.orbit.downscale(dsr, static=orog, tile=4, halo=2, device="cpu")
+    np.testing.assert_allclose(out.values, named.values, rtol=0, atol=1e-5)
+    two = tiny_config(in_vars=["tas", "pr"], out_vars=["tas", "pr"], static_vars=[])
+    with pytest.raises(KeyError, match=r"cannot tell which model variable .*\['tas', 'pr'\]"):
+        unnamed.orbit.downscale(xorbit.Downscaler.from_config(two), device="cpu")

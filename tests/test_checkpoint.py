@@ -4,10 +4,12 @@ import struct
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 import xorbit
 from tests.datasets import tiny_config
 from xorbit import CheckpointError, Downscaler, Reslim
+from xorbit.downscaler import training_grid
 from xorbit.model.checkpoint import (
     import_orbit2,
     load_checkpoint,
@@ -46,12 +48,42 @@ def test_downscaler_round_trip_keeps_metadata(tmp_path):
         std={"tas": 12.25, "orog": 250.0},
         units={"tas": "K", "orog": "m"},
         attrs={"tas": {"standard_name": "air_temperature"}},
+        grid=training_grid([60.0, 55.0, 50.0], [0.0, 7.5, 15.0, 22.5]),
     )
     dsr.save(tmp_path / "d.xorbit")
     back = xorbit.load(tmp_path / "d.xorbit")
     assert back.metadata() == dsr.metadata()
     assert back.weights_sha256 == dsr.weights_sha256
     assert back.factor == 4 and back.out_vars == ["tas"]
+    assert back.grid == {
+        "multi_resolution": False,
+        "y_ascending": False,
+        "dy": 5.0,
+        "x_ascending": True,
+        "dx": 7.5,
+    }
+
+
+def test_a_checkpoint_of_xorbit_0_1_still_loads(tmp_path):
+    """0.1 configs carried training options and no grid facts."""
+    dsr = Downscaler.from_config(tiny_config(), mean={"tas": 280.0})
+    meta = dsr.metadata()
+    del meta["grid"]
+    config = dsr.config.to_dict() | {"lr": 2e-3, "batch_size": 16, "tv_lambda": 0.02}
+    config["var_weights"] = {}
+    path = tmp_path / "old.xorbit"
+    state = {k: v.contiguous() for k, v in dsr.model.state_dict().items()}
+    header = {
+        "format": "xorbit-checkpoint",
+        "format_version": 1,
+        "xorbit_version": "0.1.0",
+        "config": config,
+        "weights_sha256": dsr.weights_sha256,
+        "extra": meta,
+    }
+    save_file(state, path, metadata={"xorbit": json.dumps(header)})
+    back = xorbit.load(path)
+    assert back.grid == {} and back.config == dsr.config and back.mean["tas"] == 280.0
 
 
 def test_flipped_weight_byte_is_detected(model, tmp_path):

@@ -1,10 +1,14 @@
-"""Run a Reslim over one numpy block: tiles → batches → device → weighted partial.
+"""Numpy and Dask arrays in, downscaled arrays out: the engine under ``.orbit.downscale``.
 
-No xarray here.  `predict_block` takes a block of normalized coarse fields
-``[..., C, ny + 2 hy, nx + 2 hx]`` (the core plus the tile halo on each side),
-runs every tile the block owns through the model in batches, and returns the
-block's weighted *partial* ``[..., V_out, (ny + 2 hy) k, (nx + 2 hx) k]`` that
-`xorbit.tiles.fold` completes with the neighbours' strips.
+No xarray here.  `downscale_array` takes coarse fields ``(..., C, ny, nx)`` in the
+model's units (numpy or Dask) and returns ``(..., V, ny k, nx k)``: normalize,
+fill NaN, tile (`xorbit.tiles`), run the model, fold, denormalize, mask.  On
+Dask input it builds two stages: stage 1 computes each block's weighted
+*partial* (`predict_block`: every tile whose core starts in the block, once,
+with its halo), stage 2 is one task per output block that folds in the strips
+of its 3 x 3 neighbours (`xorbit.tiles.fold`).  On numpy input the same two
+steps run on one block in memory.  Training validation calls it too, so a
+model is scored exactly as it will be used.
 
 `ModelHandle` is how a model reaches Dask tasks: the task graph holds one
 handle (one key every task depends on), and a handle that is pickled to
@@ -15,33 +19,72 @@ process and device (`get`), however many tasks use it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import dask
+import dask.array as da
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ._threads import thread_share, torch_threads
 from .model.checkpoint import weights_hash
 from .model.config import ReslimConfig
 from .model.reslim import Reslim
-from .tiles import TilePlan, merge, split
+from .tiles import TilePlan, block_chunks, fold, fold_alone, merge, pad_halo, split
 
-__all__ = ["ModelHandle", "default_device", "predict_block", "run_model"]
+if TYPE_CHECKING:
+    from .downscaler import Downscaler
 
+__all__ = [
+    "PRECISIONS",
+    "ModelHandle",
+    "clear_cache",
+    "default_device",
+    "downscale_array",
+    "predict_block",
+    "run_model",
+    "tile_defaults",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Models rebuilt from pickled handles (or copied to another device), per process.
+# At most CACHE_SIZE are kept, least recently used dropped first; `clear_cache`
+# frees them all (GPU memory included).
+CACHE_SIZE = 4
 _CACHE: OrderedDict[tuple[str, str], Reslim] = OrderedDict()
-_CACHE_SIZE = 4
 _LOCK = threading.Lock()
 
 
 def default_device() -> str:
-    """``"cuda"`` when a GPU is visible to torch, else ``"cpu"``."""
+    """``"cuda"`` when a GPU is visible to torch, else ``"cpu"``.
+
+    Called where the model runs (inside the task, on the worker), so a CPU-only
+    client with GPU workers runs on the GPUs.
+    """
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def clear_cache() -> int:
+    """Drop every model held by `ModelHandle` in this process; returns how many.
+
+    Under a distributed client, ``client.run(xorbit.engine.clear_cache)`` does it
+    on every worker.
+    """
+    with _LOCK:
+        n = len(_CACHE)
+        _CACHE.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return n
 
 
 class ModelHandle:
@@ -75,23 +118,31 @@ class ModelHandle:
         return _rebuild_handle, (self.key, payload)
 
     def get(self, device: str | torch.device = "cpu") -> Reslim:
-        """The model on ``device`` in eval mode, built once per process."""
+        """The model on ``device`` in eval mode, built once per process.
+
+        The caller's own model is used as it is when it is already in eval mode on
+        ``device``; otherwise an eval-mode copy is made and cached (the caller's
+        model is never switched to eval mode behind its back).
+        """
         dev = str(torch.device(device))
+        base = self._model
+        if base is not None and not base.training and str(_device_of(base)) == dev:
+            return base
         with _LOCK:
             model = _CACHE.get((self.key, dev))
             if model is not None:
                 _CACHE.move_to_end((self.key, dev))
                 return model
-            if self._model is not None:
-                base = self._model
-            else:
+            if base is None:
                 config, data = self._payload
                 base = Reslim(ReslimConfig.from_dict(config))
                 base.load_state_dict(st_load(data))
-            model = base if str(_device_of(base)) == dev else _copy_to(base, dev)
+                model = base.to(dev)
+            else:
+                model = _copy_to(base, dev)
             model.eval()
             _CACHE[(self.key, dev)] = model
-            while len(_CACHE) > _CACHE_SIZE:
+            while len(_CACHE) > max(0, CACHE_SIZE):
                 _CACHE.popitem(last=False)
             return model
 
@@ -112,6 +163,22 @@ def _copy_to(model: Reslim, device: str) -> Reslim:
     return clone.to(device)
 
 
+def _autocast(device: torch.device, precision: str):
+    """The autocast context for ``precision`` on ``device``.
+
+    ``"auto"``: bfloat16 on CUDA, float32 elsewhere.  ``"fp32"`` never casts;
+    ``"bf16"`` / ``"fp16"`` cast wherever torch supports it on that device.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def run_model(
     model: Reslim,
     x: np.ndarray,
@@ -119,10 +186,11 @@ def run_model(
     *,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
+    precision: str = "auto",
 ) -> np.ndarray:
     """Model forward over ``x [N, C, h, w]`` in batches; float32 numpy out."""
     dev = torch.device(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+    amp = _autocast(dev, precision)
     outs = []
     with torch.inference_mode(), amp:
         for i in range(0, x.shape[0], max(1, int(batch_size))):
@@ -140,7 +208,8 @@ def predict_block(
     core_shape: tuple[int, int],
     variables: Sequence[str],
     batch_size: int = 16,
-    device: str = "cpu",
+    device: str | None = None,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Weighted partial of one block (see the module docstring).
 
@@ -158,7 +227,10 @@ def predict_block(
         ``(ny, nx)`` of the block core.
     variables
         Names of the ``C`` channels.
+    device
+        Where to run; ``None``: CUDA if this process sees a GPU.
     """
+    device = device or default_device()
     model = handle.get(device)
     lead = block.shape[:-3]
     c, ny_ext, nx_ext = block.shape[-3:]
@@ -172,7 +244,262 @@ def predict_block(
         variables,
         batch_size=batch_size,
         device=device,
+        precision=precision,
     )
     pred = pred.reshape(t, b, *pred.shape[1:])
     partial = merge(list(pred), plan, origin, tiles, core_shape, dtype=np.float32)
     return partial.reshape(*lead, *partial.shape[1:])
+
+
+# --------------------------------------------------------------------------- arrays
+def tile_defaults(
+    img_size: Sequence[int],
+    tile: int | Sequence[int] | None,
+    halo: int | Sequence[int] | None,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Tile core and halo as ``(ny, nx)`` pairs, checked.
+
+    Defaults: windows of the training size ``img_size``, the halo an eighth of
+    it (at least one pixel), the core what remains.
+    """
+    if halo is None:
+        halo = tuple(max(1, int(s) // 8) for s in img_size)
+    halo = (halo, halo) if np.isscalar(halo) else tuple(halo)
+    if tile is None:
+        tile = tuple(max(1, int(s) - 2 * int(h)) for s, h in zip(img_size, halo, strict=True))
+    tile = (tile, tile) if np.isscalar(tile) else tuple(tile)
+    for name, val in (("tile", tile), ("halo", halo)):
+        if len(val) != 2 or any(int(v) != v for v in val):
+            raise ValueError(f"{name} must be an int or a pair of ints, got {val!r}")
+    if min(tile) < 1 or min(halo) < 0:
+        raise ValueError(f"tile must be >= 1 and halo >= 0, got tile={tile}, halo={halo}")
+    return (int(tile[0]), int(tile[1])), (int(halo[0]), int(halo[1]))
+
+
+def downscale_array(
+    x: np.ndarray | da.Array,
+    downscaler: Downscaler,
+    *,
+    tile: int | Sequence[int] | None = None,
+    halo: int | Sequence[int] | None = None,
+    periodic: bool = False,
+    batch_size: int = 16,
+    device: str | None = None,
+    precision: str = "auto",
+    weights_sha256: str | None = None,
+) -> np.ndarray | da.Array:
+    """Downscale coarse fields ``(..., C, ny, nx)`` to ``(..., V, ny k, nx k)``.
+
+    Parameters
+    ----------
+    x
+        Coarse fields in the model's units, channels in ``downscaler.in_vars``
+        order; NaN where missing.  Numpy (computed now, once) or Dask (lazy;
+        ``y, x`` are re-chunked along tile boundaries).
+    downscaler
+        The model with its normalization.
+    tile, halo
+        Tile core and context in coarse pixels (`tile_defaults`).
+    periodic
+        Whether the last axis (longitude) wraps around.
+    batch_size
+        Tiles per model call.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...; ``None`` chooses where the
+        model runs (CUDA when that process sees a GPU).
+    precision
+        ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU), ``"fp32"``,
+        ``"bf16"`` or ``"fp16"``.
+    weights_sha256
+        The weights' hash when already known (it names the model in the graph).
+
+    Returns
+    -------
+    The outputs ``downscaler.out_vars`` in physical units, float32; NaN where the
+    coarse input of the same variable was NaN; non-negative variables clamped.
+    """
+    cfg = downscaler.config
+    n_in = len(cfg.in_vars)
+    if x.ndim < 3 or x.shape[-3] != n_in:
+        raise ValueError(
+            f"downscale_array: expected an array (..., {n_in}, ny, nx) with channels "
+            f"{cfg.in_vars}, got shape {tuple(x.shape)}"
+        )
+    ny, nx = x.shape[-2:]
+    if ny < 1 or nx < 1:
+        raise ValueError(f"cannot downscale an empty grid of shape ({ny}, {nx})")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    tile, halo = tile_defaults(cfg.img_size, tile, halo)
+    plan = TilePlan.build((ny, nx), tile, halo, cfg.factor, periodic=(False, bool(periodic)))
+    handle = ModelHandle(downscaler.model, weights_sha256 or downscaler.weights_sha256)
+    mean, std = downscaler._stats(cfg.in_vars, 3, 0)
+    out_mean, out_std = downscaler._stats(cfg.out_vars, 3, 0)
+    floor = np.array(
+        [0.0 if v in downscaler.nonnegative else -np.inf for v in cfg.out_vars], np.float32
+    )[:, None, None]
+    out_idx = [cfg.in_vars.index(v) for v in cfg.out_vars]
+    run = dict(
+        handle=handle,
+        plan=plan,
+        mean=mean,
+        std=std,
+        variables=list(cfg.in_vars),
+        batch_size=int(batch_size),
+        device=device,
+        precision=precision,
+    )
+    finish = dict(mean=out_mean, std=out_std, floor=floor, factor=cfg.factor)
+    if isinstance(x, da.Array):
+        return _downscale_dask(x.astype(np.float32), out_idx, run, finish)
+    x = np.asarray(x, dtype=np.float32)
+    partial = _predict(pad_halo(x, plan), origin=(0, 0), core_shape=(ny, nx), **run)
+    return _finish(fold_alone(partial, plan), x[..., out_idx, :, :], **finish)
+
+
+def _predict(
+    raw: np.ndarray,
+    *,
+    mean: np.ndarray,
+    std: np.ndarray,
+    origin: tuple[int, int],
+    core_shape: tuple[int, int],
+    **run: Any,
+) -> np.ndarray:
+    """Normalize a block (NaN → the mean, 0 once normalized) and predict its partial."""
+    x = (raw - mean) / std
+    x = np.where(np.isnan(x), np.float32(0), x).astype(np.float32, copy=False)
+    return predict_block(x, origin=origin, core_shape=core_shape, **run)
+
+
+def _finish(
+    out: np.ndarray,
+    coarse: np.ndarray,
+    *,
+    mean: np.ndarray,
+    std: np.ndarray,
+    floor: np.ndarray,
+    factor: int,
+) -> np.ndarray:
+    """Denormalize, clamp non-negative variables, NaN where the coarse parent was."""
+    out = np.maximum(out * std + mean, floor)
+    nan = np.repeat(np.repeat(np.isnan(coarse), factor, axis=-2), factor, axis=-1)
+    return np.where(nan, np.float32(np.nan), out).astype(np.float32, copy=False)
+
+
+def _downscale_dask(raw: da.Array, out_idx: list[int], run: dict, finish: dict) -> da.Array:
+    """Stages 1 and 2 on Dask, then denormalize: one task per block each."""
+    plan: TilePlan = run["plan"]
+    k = plan.factor
+    hy, hx = plan.halo
+    n_lead = raw.ndim - 3
+    n_out = len(out_idx)
+    ychunks = block_chunks(plan.y, raw.chunks[-2][0])
+    xchunks = block_chunks(plan.x, raw.chunks[-1][0])
+    raw = raw.rechunk((*raw.chunks[:n_lead], raw.shape[-3], ychunks, xchunks))
+    ax_y, ax_x = raw.ndim - 2, raw.ndim - 1
+    x_boundary = "periodic" if plan.x.periodic else "nearest"
+    ext = da.overlap.overlap(
+        raw, depth={ax_y: hy, ax_x: hx}, boundary={ax_y: "nearest", ax_x: x_boundary}
+    )
+    handle: ModelHandle = run.pop("handle")
+    # the model is one node of the graph, every block task depends on it
+    node = dask.delayed(handle, pure=True, name=f"xorbit-model-{handle.key[:16]}")
+    lead_chunks = raw.chunks[:n_lead]
+    partial = ext.map_blocks(
+        _stage1,
+        node,
+        ychunks=tuple(int(c) for c in ychunks),
+        xchunks=tuple(int(c) for c in xchunks),
+        chunks=(
+            *lead_chunks,
+            (n_out,),
+            tuple((c + 2 * hy) * k for c in ychunks),
+            tuple((c + 2 * hx) * k for c in xchunks),
+        ),
+        dtype=np.float32,
+        meta=np.array((), np.float32),
+        token="xorbit-tiles",
+        **run,
+    )
+    out = _fold_neighbours(
+        partial,
+        (hy * k, hx * k),
+        periodic_x=plan.x.periodic,
+        chunks=(
+            *lead_chunks,
+            (n_out,),
+            tuple(c * k for c in ychunks),
+            tuple(c * k for c in xchunks),
+        ),
+    )
+    coarse = raw[..., out_idx, :, :].rechunk({n_lead: n_out})
+    # map_blocks pairs blocks by index: the output's are k times the coarse ones
+    return da.map_blocks(
+        _finish,
+        out,
+        coarse,
+        dtype=np.float32,
+        meta=np.array((), np.float32),
+        token="xorbit-finish",
+        **finish,
+    )
+
+
+def _stage1(
+    block: np.ndarray,
+    handle: ModelHandle,
+    *,
+    ychunks: tuple[int, ...],
+    xchunks: tuple[int, ...],
+    block_id: tuple[int, ...] | None = None,
+    **run: Any,
+) -> np.ndarray:
+    """One block of stage 1 (module level: tasks pickle small, never the model).
+
+    Torch gets this task's share of the cores: the scheduler runs other blocks
+    in parallel (`xorbit._threads`).
+    """
+    iy, ix = block_id[-2], block_id[-1]
+    with torch_threads(thread_share()):
+        return _predict(
+            block,
+            handle=handle,
+            origin=(sum(ychunks[:iy]), sum(xchunks[:ix])),
+            core_shape=(ychunks[iy], xchunks[ix]),
+            **run,
+        )
+
+
+def _fold_neighbours(
+    partial: da.Array, depth: tuple[int, int], periodic_x: bool, chunks: tuple
+) -> da.Array:
+    """Stage 2 as one task per output block, reading its (up to) 3 x 3 neighbours.
+
+    Equivalent to ``overlap(partial, depth)`` + slicing, which makes dozens of
+    slicing and concatenation tasks per block; holding that graph was the main
+    memory cost of streaming large outputs.
+    """
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = "xorbit-fold-" + tokenize(partial, depth, periodic_x)
+    ny, nx = partial.numblocks[-2], partial.numblocks[-1]
+    lead_blocks = [range(n) for n in partial.numblocks[:-2]]
+    dsk = {}
+    for idx in itertools.product(*lead_blocks):
+        for iy in range(ny):
+            for ix in range(nx):
+                grid_keys = []
+                for dy in (-1, 0, 1):
+                    row = []
+                    for dx in (-1, 0, 1):
+                        jy, jx = iy + dy, ix + dx
+                        if periodic_x:
+                            jx %= nx
+                        ok = 0 <= jy < ny and 0 <= jx < nx
+                        row.append((partial.name, *idx, jy, jx) if ok else None)
+                    grid_keys.append(row)
+                dsk[(name, *idx, iy, ix)] = (fold, grid_keys, depth)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[partial])
+    return da.Array(graph, name, chunks, meta=np.array((), np.float32))

@@ -36,7 +36,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AxisPlan", "TilePlan", "apply_tiled", "block_chunks", "fold", "merge", "split"]
+__all__ = [
+    "AxisPlan",
+    "TilePlan",
+    "apply_tiled",
+    "block_chunks",
+    "fold",
+    "fold_alone",
+    "merge",
+    "pad_halo",
+    "split",
+]
 
 
 @dataclass(frozen=True)
@@ -261,25 +271,71 @@ def merge(
     return out
 
 
-def fold(extended: np.ndarray, depth: tuple[int, int]) -> np.ndarray:
-    """Complete a partial: add the neighbours' halo strips into its core.
+def _strip(pos: int, d: int, n_nb: int, n_core: int):
+    """Source and destination slices along one axis for neighbour position 0/1/2."""
+    if pos == 1:
+        return slice(d, n_nb - d), slice(0, n_core)
+    if d == 0:
+        return None
+    if pos == 0:  # the neighbour before us: its last d pixels are our first d
+        return slice(n_nb - d, n_nb), slice(0, d)
+    return slice(0, d), slice(n_core - d, n_core)  # the one after: its first d
 
-    ``extended`` is a partial from `merge` (own halos of ``depth`` fine pixels
-    included) further extended by ``depth`` on each side with the neighbours'
-    partials (zeros beyond a non-periodic edge).  Along each axis the layout is
-    ``[neighbour's strip | own halo | core | own halo | neighbour's strip]``.
-    Returns the core, with both neighbours' strips added.
+
+def fold(neighbours: Sequence[Sequence[np.ndarray | None]], depth: tuple[int, int]) -> np.ndarray:
+    """Complete a partial: its core plus the strips its neighbours spill into it.
+
+    ``neighbours`` is the 3 x 3 grid of partials (from `merge`) around a block,
+    ``neighbours[1][1]`` the block itself, ``None`` where there is no neighbour
+    (beyond a non-periodic edge).  Each partial covers its core plus ``depth``
+    fine pixels on every side; the outer ``depth`` strips of a neighbour belong to
+    us.  Returns the finished core.  The one fold of xorbit: the Dask stage 2,
+    the in-memory path and training validation all go through it.
     """
-    out = extended
-    for axis, d in zip((-2, -1), depth, strict=True):
-        if d == 0:
-            continue
-        out = np.moveaxis(out, axis, 0)
-        core = out[2 * d : -2 * d].copy()
-        core[:d] += out[:d]
-        core[-d:] += out[-d:]
-        out = np.moveaxis(core, 0, axis)
+    dy, dx = depth
+    centre = neighbours[1][1]
+    out = centre[..., dy : centre.shape[-2] - dy, dx : centre.shape[-1] - dx].copy()
+    ny, nx = out.shape[-2:]
+    for i, row in enumerate(neighbours):
+        for j, nb in enumerate(row):
+            if nb is None or (i == 1 and j == 1):
+                continue
+            ys = _strip(i, dy, nb.shape[-2], ny)
+            xs = _strip(j, dx, nb.shape[-1], nx)
+            if ys is None or xs is None:
+                continue
+            (src_y, dst_y), (src_x, dst_x) = ys, xs
+            out[..., dst_y, dst_x] += nb[..., src_y, src_x]
     return out
+
+
+def pad_halo(field_: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """A whole ``[..., ny, nx]`` array extended by the halo: wrapped on a periodic
+    axis, edge values otherwise (what Dask's overlap gives a block at the edge)."""
+    ext = field_
+    for axis, h, periodic in (
+        (-2, plan.y.halo, plan.y.periodic),
+        (-1, plan.x.halo, plan.x.periodic),
+    ):
+        width = [(0, 0)] * field_.ndim
+        width[axis] = (h, h)
+        ext = np.pad(ext, width, mode="wrap" if periodic else "edge")
+    return ext
+
+
+def fold_alone(partial: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """`fold` for one block that covers the whole array: on a periodic axis it is
+    its own neighbour."""
+    k = plan.factor
+    grid = [[None] * 3 for _ in range(3)]
+    grid[1][1] = partial
+    if plan.x.periodic:
+        grid[1][0] = grid[1][2] = partial
+    if plan.y.periodic:
+        grid[0][1] = grid[2][1] = partial
+        if plan.x.periodic:
+            grid[0][0] = grid[0][2] = grid[2][0] = grid[2][2] = partial
+    return fold(grid, (plan.y.halo * k, plan.x.halo * k))
 
 
 def apply_tiled(
@@ -292,21 +348,10 @@ def apply_tiled(
     The reference path for tests and small arrays: pads by the halo (wrap on a
     periodic axis, edge values otherwise), splits, predicts, merges and folds.
     """
-    hy, hx = plan.halo
-    ext = field_
-    for axis, h, periodic in ((-2, hy, plan.y.periodic), (-1, hx, plan.x.periodic)):
-        width = [(0, 0)] * field_.ndim
-        width[axis] = (h, h)
-        ext = np.pad(ext, width, mode="wrap" if periodic else "edge")
     ny, nx = field_.shape[-2:]
     tiles = plan.owned(0, ny, 0, nx)
+    ext = pad_halo(field_, plan)
     partial = merge(
         (predict(w) for w in split(ext, plan, (0, 0), tiles)), plan, (0, 0), tiles, (ny, nx)
     )
-    k = plan.factor
-    depth = (hy * k, hx * k)
-    for axis, d, periodic in ((-2, depth[0], plan.y.periodic), (-1, depth[1], plan.x.periodic)):
-        width = [(0, 0)] * partial.ndim
-        width[axis] = (d, d)
-        partial = np.pad(partial, width, mode="wrap") if periodic else np.pad(partial, width)
-    return fold(partial, depth)
+    return fold_alone(partial, plan)
