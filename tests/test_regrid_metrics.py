@@ -1,5 +1,7 @@
 """Interpolation baselines and skill scores against independent numbers."""
 
+import importlib.abc
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -127,12 +129,15 @@ def test_conservative_upsampling_of_hadcm3_keeps_the_mean_and_the_cells():
         assert abs(a - b) / abs(a) < 1e-6
 
 
-def test_bilinear_regrid_between_grids_without_xesmf():
+def test_bilinear_regrid_between_grids_without_xesmf(monkeypatch):
+    import xorbit.regrid as rg
     from xorbit.regrid import regrid
 
+    monkeypatch.setattr(rg, "_import_xesmf", lambda: (None, "disabled by the test"))
     src, dst = latlon(2.0), latlon(3.0)
     lin = 2 * src.lat + 0.5 * src.lon + 0 * src.lat * src.lon
-    out = regrid(lin.rename("f"), dst, "bilinear")
+    with pytest.warns(rg.RegridFallbackWarning, match="disabled by the test"):
+        out = regrid(lin.rename("f"), dst, "bilinear")
     expected = 2 * dst.lat + 0.5 * dst.lon
     np.testing.assert_allclose(out.values, expected.transpose(*out.dims).values, atol=1e-6)
     with pytest.raises(ValueError, match="unknown method 'cubic'"):
@@ -146,8 +151,9 @@ def test_xesmf_and_the_pip_path_agree(monkeypatch):
     src, dst = latlon(2.0), latlon(3.0)
     f = np.sin(np.deg2rad(src.lat)) * np.cos(np.deg2rad(src.lon))
     with_esmf = rg.regrid(f.rename("f"), dst, "bilinear")
-    monkeypatch.setattr(rg, "xesmf_available", lambda: False)
-    without = rg.regrid(f.rename("f"), dst, "bilinear")
+    monkeypatch.setattr(rg, "_import_xesmf", lambda: (None, "disabled by the test"))
+    with pytest.warns(rg.RegridFallbackWarning):
+        without = rg.regrid(f.rename("f"), dst, "bilinear")
     np.testing.assert_allclose(with_esmf.values, without.values, atol=1e-3)
 
 
@@ -237,3 +243,85 @@ def test_power_spectra_see_missing_small_scales():
     assert float(hi.bicubic.sum() / hi.truth.sum()) < 0.1
     lo = spec.sel(wavenumber=slice(1, 3))
     assert float(lo.bicubic.sum() / lo.truth.sum()) == pytest.approx(1.0, abs=0.03)
+
+
+class BrokenESMF(importlib.abc.MetaPathFinder):
+    """Makes ``import xesmf`` fail the way a broken ESMF install does."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "xesmf" or name.startswith("xesmf."):
+            raise OSError("libesmf.so: cannot open shared object file")
+        return None
+
+
+def test_falling_back_from_xesmf_warns_with_the_reason(monkeypatch):
+    import sys
+
+    from xorbit.regrid import RegridFallbackWarning, regrid
+
+    monkeypatch.delitem(sys.modules, "xesmf", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenESMF(), *sys.meta_path])
+    src, dst = latlon(2.0), latlon(3.0)
+    lin = (2 * src.lat + 0.5 * src.lon).rename("f")
+    with pytest.warns(RegridFallbackWarning) as record:
+        out = regrid(lin, dst, "nearest")
+    (message,) = [str(w.message) for w in record]
+    assert "libesmf.so: cannot open shared object file" in message
+    assert "xarray-regrid" in message and "nearest" in message
+    assert out.shape == (40, 40)
+    # a plain ImportError is reported the same way
+    monkeypatch.setitem(sys.modules, "xesmf", None)
+    with pytest.warns(RegridFallbackWarning, match="import of xesmf halted"):
+        regrid(lin, dst, "bilinear")
+
+
+def torch_upsample(a, factor, method, periodic):
+    """The reference: ``torch.nn.functional.interpolate`` on padded planes, cropped."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    ny, nx = a.shape[-2:]
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).reshape(-1, 1, ny, nx)
+    pad = 0 if method == "nearest" else 2
+    if pad:
+        t = F.pad(t, (0, 0, pad, pad), mode="replicate")
+        t = F.pad(t, (pad, pad, 0, 0), mode="circular" if periodic else "replicate")
+    kw = {} if method == "nearest" else {"align_corners": False}
+    up = F.interpolate(t, scale_factor=factor, mode=method, **kw)
+    if pad:
+        up = up[..., pad * factor : -pad * factor, pad * factor : -pad * factor]
+    return up.reshape(*a.shape[:-2], ny * factor, nx * factor).numpy()
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("factor", [2, 3, 4])
+@pytest.mark.parametrize("method", ["nearest", "bilinear", "bicubic"])
+def test_numpy_interpolation_matches_torch(method, factor, periodic):
+    rng = np.random.default_rng(factor)
+    a = 280 + 10 * rng.normal(size=(2, 3, 7, 9))
+    a[0, 1, 3, 4] = np.nan  # NaN spreads over the kernel's footprint, as in torch
+    expected = torch_upsample(a, factor, method, periodic)
+    out = upsample_array(a, factor, method, periodic=periodic)
+    assert out.shape == (2, 3, 7 * factor, 9 * factor) and out.dtype == a.dtype
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    # float32 in, float32 out, computed in float64
+    out32 = upsample_array(a.astype(np.float32), factor, method, periodic=periodic)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, expected.astype(np.float32), rtol=1e-6)
+
+
+def test_regrid_module_does_not_import_torch():
+    import ast
+    import inspect
+
+    import xorbit.regrid
+
+    tree = ast.parse(inspect.getsource(xorbit.regrid))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert "numpy" in imported  # the walk does see the imports
+    assert "torch" not in imported

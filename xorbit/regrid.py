@@ -1,26 +1,30 @@
 """Interpolation baselines onto the fine grid `.orbit.downscale` produces.
 
-``nearest``, ``bilinear`` and ``bicubic`` (Keys' kernel, a = -0.75, as in OpenCV) use
-``torch.nn.functional.interpolate``
-(``align_corners=False``: each coarse value sits at its cell centre, which is
-exactly how `xorbit.grid` splits cells), applied lazily per time block with
-Dask; edges are handled by edge-value padding (``nearest``) or periodic padding
-on a global longitude before interpolating, then cropped.  The result has the
-same coordinates as ``.orbit.downscale``.
+``nearest``, ``bilinear`` and ``bicubic`` (Keys' cubic convolution, a = -0.75,
+as in OpenCV and torch) are separable: each output row / column is a weighted
+sum of 1, 2 or 4 source rows / columns, with indices and weights computed once
+per axis, in float64 with numpy (no torch: interpolation must not need a deep
+learning stack).  Source positions follow ``align_corners=False``: each coarse
+value sits at its cell centre, which is exactly how `xorbit.grid` splits cells.
+Beyond an edge the edge value is repeated; a global longitude wraps around.
+NaN spreads over every output whose stencil touches it.  Applied lazily per
+time block with Dask; the result has the same coordinates as
+``.orbit.downscale``.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import dask.array as da
 import numpy as np
-import torch
-import torch.nn.functional as F
 import xarray as xr
 
 from . import grid
 
 __all__ = [
     "METHODS",
+    "RegridFallbackWarning",
     "conservative_weights",
     "interpolate",
     "regrid",
@@ -29,16 +33,26 @@ __all__ = [
 ]
 
 METHODS = ("nearest", "bilinear", "bicubic", "conservative")
-_TORCH_METHODS = ("nearest", "bilinear", "bicubic")
+_KERNELS = ("nearest", "bilinear", "bicubic")
+_CUBIC_A = -0.75  # Keys' parameter as in OpenCV and torch (Catmull-Rom would be -0.5)
+
+
+class RegridFallbackWarning(UserWarning):
+    """xESMF could not be imported; xarray-regrid computed the result instead."""
+
+
+def _import_xesmf():
+    """``(xesmf, None)``, or ``(None, why)`` when it cannot be imported."""
+    try:
+        import xesmf
+    except Exception as err:  # ImportError, or ESMF failing to load its library
+        return None, f"{type(err).__name__}: {err}"
+    return xesmf, None
 
 
 def xesmf_available() -> bool:
     """Whether xESMF (and so ESMF) can be imported here."""
-    try:
-        import xesmf  # noqa: F401
-    except Exception:  # ImportError, or ESMF failing to load its library
-        return False
-    return True
+    return _import_xesmf()[0] is not None
 
 
 def _overlap(src: np.ndarray, dst: np.ndarray, period: float | None = None) -> np.ndarray:
@@ -93,23 +107,58 @@ def _apply_separable(a: np.ndarray, w_lat: np.ndarray, w_lon: np.ndarray) -> np.
         return np.where(den > 0, num / den, np.nan)
 
 
+def _keys(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel at distances ``0 <= x <= 2``."""
+    a = _CUBIC_A
+    inner = ((a + 2) * x - (a + 3)) * x * x + 1
+    outer = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, inner, outer)
+
+
+def _taps(n: int, factor: int, method: str, periodic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear or bicubic source indices and weights ``[taps, n * factor]`` along ``n``.
+
+    Output ``j`` sits at source position ``(j + 0.5) / factor - 0.5``
+    (``align_corners=False``).  Indices past an edge are clamped (the edge value
+    repeats) or, on a periodic axis, wrapped.
+    """
+    src = (np.arange(n * factor) + 0.5) / factor - 0.5
+    i0 = np.floor(src).astype(np.int64)
+    t = src - i0
+    if method == "bilinear":
+        offsets, weights = np.arange(2), np.stack([1 - t, t])
+    else:
+        offsets = np.arange(-1, 3)
+        weights = np.stack([_keys(t + 1), _keys(t), _keys(1 - t), _keys(2 - t)])
+    idx = i0[None] + offsets[:, None]
+    return (idx % n if periodic else np.clip(idx, 0, n - 1)), weights
+
+
+def _along(a: np.ndarray, axis: int, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``sum_t weights[t] * a[idx[t]]`` along ``axis`` (a NaN anywhere in the stencil stays)."""
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    out = np.take(a, idx[0], axis=axis) * weights[0].reshape(shape)
+    for i, w in zip(idx[1:], weights[1:], strict=True):
+        out += np.take(a, i, axis=axis) * w.reshape(shape)
+    return out
+
+
 def upsample_array(a: np.ndarray, factor: int, method: str, periodic: bool = False) -> np.ndarray:
-    """``[..., ny, nx]`` → ``[..., ny k, nx k]`` by torch interpolation (NaN propagates)."""
-    if method not in _TORCH_METHODS:
-        raise ValueError(f"unknown interpolation method {method!r}; choose one of {_TORCH_METHODS}")
-    lead = a.shape[:-2]
+    """``[..., ny, nx]`` → ``[..., ny k, nx k]``, along y then x (NaN propagates).
+
+    ``periodic`` wraps the last axis (longitude); latitude always repeats its
+    edge values.  Computed in float64, returned in ``a``'s dtype.
+    """
+    if method not in _KERNELS:
+        raise ValueError(f"unknown interpolation method {method!r}; choose one of {_KERNELS}")
+    if method == "nearest":  # a copy per cell: no arithmetic, so no float64 round trip
+        return np.repeat(np.repeat(np.asarray(a), factor, axis=-2), factor, axis=-1)
     ny, nx = a.shape[-2:]
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).reshape(-1, 1, ny, nx)
-    pad = 2 if method != "nearest" else 0
-    if pad:
-        t = F.pad(t, (0, 0, pad, pad), mode="replicate")
-        t = F.pad(t, (pad, pad, 0, 0), mode="circular" if periodic else "replicate")
-    kw = {} if method == "nearest" else {"align_corners": False}
-    up = F.interpolate(t, scale_factor=factor, mode=method, **kw)
-    if pad:
-        p = pad * factor
-        up = up[..., p:-p, p:-p]
-    return up.reshape(*lead, ny * factor, nx * factor).numpy().astype(a.dtype, copy=False)
+    x = np.asarray(a, dtype=np.float64)
+    x = _along(x, -2, *_taps(ny, factor, method, False))
+    x = _along(x, -1, *_taps(nx, factor, method, bool(periodic)))
+    return x.astype(a.dtype, copy=False)
 
 
 def _apply_spatial(data, shape_out, dtype, func, *args):
@@ -193,7 +242,8 @@ def regrid(
 
     ``"conservative"`` uses exact spherical cell areas (`conservative_weights`)
     and keeps the area-weighted mean; ``"bilinear"`` and ``"nearest"`` use
-    xESMF when it can be imported, else ``xarray-regrid``.
+    xESMF when it can be imported, else ``xarray-regrid`` with a
+    `RegridFallbackWarning` that gives the import error.
 
     Parameters
     ----------
@@ -232,13 +282,18 @@ def regrid(
             f"regrid: unknown method {method!r}; choose 'conservative', 'bilinear' or 'nearest'"
         )
     tgt = target if isinstance(target, xr.Dataset) else target.to_dataset(name="_target")
-    if xesmf_available():
-        import xesmf
-
+    xesmf, why = _import_xesmf()
+    if xesmf is not None:
         regridder = xesmf.Regridder(
             obj, tgt, "bilinear" if method == "bilinear" else "nearest_s2d", periodic=periodic
         )
         return regridder(obj, keep_attrs=True)
+    # the two libraries differ near edges and poles: say which one answered, and why
+    warnings.warn(
+        f"regrid {method!r}: xESMF cannot be imported ({why}); using xarray-regrid instead",
+        RegridFallbackWarning,
+        stacklevel=2,
+    )
     import xarray_regrid  # noqa: F401  (registers .regrid)
 
     out = obj.regrid.linear(tgt) if method == "bilinear" else obj.regrid.nearest(tgt)
