@@ -9,7 +9,7 @@ import xorbit
 from tests.datasets import tiny_config
 from xorbit import coarsen
 from xorbit.datasets import hadcm3_air_temperature
-from xorbit.io import bitround, to_netcdf
+from xorbit.io import bitround, to_netcdf, to_zarr
 
 TIMES = xr.coders.CFDatetimeCoder(use_cftime=True)
 
@@ -139,7 +139,7 @@ def test_zarr_round_trip_and_resume_after_a_crash(downscaled, tmp_path):
     FAIL_ON["block"] = None
     field.orbit.to_zarr(store)
     assert sorted(COMPUTED) == [6, 8, 10]  # the finished regions were not recomputed
-    assert not (tmp_path / "out.zarr.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]  # no markers left
     back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)
     np.testing.assert_array_equal(back["air_temperature"].values, downscaled.values)
     assert back.attrs["Conventions"] == "CF-1.10"
@@ -154,3 +154,49 @@ def test_zarr_keepbits_is_recorded(downscaled, tmp_path):
     rel = np.abs(back.values - downscaled.values) / np.abs(downscaled.values)
     assert 0 < rel.max() <= 2.0**-10
     assert isinstance(back.data, da.Array)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "changed"),
+    [
+        ({"keepbits": 4}, {}, "keepbits (4 -> None)"),
+        ({"level": 1}, {"level": 9}, "level (1 -> 9)"),
+    ],
+)
+def test_zarr_resume_with_other_encoding_starts_afresh(
+    downscaled, tmp_path, first, second, changed
+):
+    data = downscaled.data.rechunk((2, 36, 48)).map_blocks(flaky, dtype=np.float32)
+    field = downscaled.copy(data=data)
+    store = tmp_path / "out.zarr"
+    COMPUTED.clear()
+    FAIL_ON["block"] = 6
+    with pytest.raises(RuntimeError, match="killed while computing time 6"):
+        field.orbit.to_zarr(store, **first)
+    assert sorted(COMPUTED) == [0, 2, 4]
+    COMPUTED.clear()
+    FAIL_ON["block"] = None
+    with pytest.warns(UserWarning, match="starting afresh") as record:
+        field.orbit.to_zarr(store, **second)
+    (message,) = [str(w.message) for w in record if "starting afresh" in str(w.message)]
+    assert changed in message
+    assert sorted(COMPUTED) == [0, 2, 4, 6, 8, 10]  # nothing kept from the other encoding
+    back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)["air_temperature"]
+    expected = to_zarr(downscaled, tmp_path / "ref.zarr", **second)
+    ref = xr.open_zarr(expected, decode_times=TIMES, consolidated=False)["air_temperature"]
+    np.testing.assert_array_equal(back.values, ref.values)
+    if "keepbits" not in second:
+        np.testing.assert_array_equal(back.values, downscaled.values)  # lossless, every region
+        assert "xorbit_keepbits" not in back.attrs
+
+
+def test_zarr_resume_signature_sees_coordinates_and_dtypes(downscaled, tmp_path):
+    from xorbit.io import _resume_signature
+
+    ds = xorbit.io.prepare(downscaled)
+    base = _resume_signature(ds, level=3, keepbits=None)
+    assert base == _resume_signature(ds.copy(deep=True), level=3, keepbits=None)
+    shifted = ds.assign_coords(latitude=ds.latitude + 0.5)
+    as64 = ds.assign(air_temperature=ds.air_temperature.astype(np.float64))
+    for other in (shifted, as64, ds.chunk(time=3), ds.rename(air_temperature="tas")):
+        assert _resume_signature(other, level=3, keepbits=None) != base

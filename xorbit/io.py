@@ -10,11 +10,13 @@ never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,69 @@ def _regions(ds: xr.Dataset) -> tuple[str | None, list[slice]]:
     return None, [slice(None)]
 
 
+def _values_hash(var: xr.Variable) -> str:
+    """sha256 of a (small, in-memory) variable's values; cftime objects by their text."""
+    values = np.asarray(var.values)
+    raw = str(values.tolist()).encode() if values.dtype == object else values.tobytes()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _resume_signature(ds: xr.Dataset, *, level: int, keepbits: int | None) -> dict[str, Any]:
+    """Everything that decides the bytes a region writes, to compare before resuming.
+
+    Regions of an interrupted write are kept only if the new call would write
+    the same bytes: same rounding and compression, same variables, dtypes,
+    shapes and chunks, same coordinate values (hashed).  The lazily computed
+    data themselves cannot be compared without computing them.  Attributes are
+    left out: ``history`` carries a timestamp that differs on every call.
+    """
+    dim, regions = _regions(ds)
+    encoding = _zarr_encoding(ds, level)
+    variables = {}
+    for name, var in ds.variables.items():
+        entry: dict[str, Any] = {
+            "dims": list(map(str, var.dims)),
+            "shape": list(var.shape),
+            "dtype": str(var.dtype),
+            "units": str(var.attrs.get("units", var.encoding.get("units", ""))),
+            "calendar": str(var.attrs.get("calendar", var.encoding.get("calendar", ""))),
+        }
+        if isinstance(var.data, da.Array):
+            entry["chunks"] = [list(c) for c in var.data.chunks]
+        else:
+            entry["values"] = _values_hash(var)
+        if name in encoding:
+            entry["codecs"] = [c.to_dict() for c in encoding[name]["compressors"]]
+        variables[str(name)] = entry
+    return {
+        "format": 2,
+        "keepbits": keepbits,
+        "level": level,
+        "variables": variables,
+        "region_dim": dim,
+        "regions": [[r.start, r.stop] for r in regions],
+    }
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out |= _flat(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def _signature_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``["keepbits (4 -> None)", "variables.tas.dtype (float32 -> float64)", ...]``."""
+    a, b = _flat(old), _flat(new)
+    return [
+        f"{k} ({a.get(k)} -> {b.get(k)})"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
+
+
 def to_zarr(
     obj: xr.DataArray | xr.Dataset,
     store: str | os.PathLike,
@@ -223,9 +288,13 @@ def to_zarr(
 
     The data are written region by region (one Dask chunk of the leading
     dimension, e.g. time, at a time) into ``<store>.partial``; each finished
-    region leaves a marker.  A run that is interrupted can be called again with
-    the same arguments: finished regions are not recomputed.  When all regions
-    are written the folder is renamed to ``store``.
+    region leaves a marker (in ``<store>.partial-done``).  A run that is
+    interrupted can be called again with the same arguments: finished regions
+    are not recomputed.  A call that would write other bytes (other rounding,
+    compression, dtypes, chunks, variables or coordinates: `_resume_signature`)
+    warns, naming what changed, and starts afresh, so one store never mixes
+    two encodings.  When all regions are written the folder is renamed to
+    ``store``.
 
     Parameters
     ----------
@@ -246,24 +315,35 @@ def to_zarr(
     if store.exists():
         raise FileExistsError(f"{str(store)!r} exists; remove it or choose another path")
     partial = store.with_name(store.name + ".partial")
-    done_dir = partial / ".xorbit-done"
+    # the markers live beside the store, not in it: zarr warns about folders it
+    # does not know on every write
+    done_dir = store.with_name(store.name + ".partial-done")
     ds = prepare(obj, keepbits=keepbits, **cf)
     dim, regions = _regions(ds)
-    signature = json.dumps(
-        {
-            "vars": sorted(map(str, ds.data_vars)),
-            "sizes": {str(k): v for k, v in ds.sizes.items()},
-            "regions": len(regions),
-        },
-        sort_keys=True,
-    )
-    if partial.exists() and (
-        not resume
-        or not (done_dir / "signature.json").exists()
-        or (done_dir / "signature.json").read_text() != signature
-    ):
+    signature = _resume_signature(ds, level=level, keepbits=keepbits)
+    if partial.exists() and resume:
+        try:
+            previous = json.loads((done_dir / "signature.json").read_text())
+        except (OSError, ValueError):
+            previous = None
+        changes = (
+            ["no readable signature"]
+            if previous is None
+            else _signature_changes(previous, signature)
+        )
+        if changes:
+            shown = "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
+            warnings.warn(
+                f"{str(partial)!r} cannot be resumed ({shown}): starting afresh rather "
+                "than mixing two encodings in one store",
+                UserWarning,
+                stacklevel=2,
+            )
+            shutil.rmtree(partial)
+    elif partial.exists():
         shutil.rmtree(partial)
     if not partial.exists():
+        shutil.rmtree(done_dir, ignore_errors=True)
         ds.to_zarr(
             partial,
             mode="w",
@@ -273,7 +353,7 @@ def to_zarr(
             zarr_format=3,
         )
         done_dir.mkdir()
-        (done_dir / "signature.json").write_text(signature)
+        (done_dir / "signature.json").write_text(json.dumps(signature, sort_keys=True))
     for i, region in enumerate(regions):
         marker = done_dir / f"region-{i}"
         if marker.exists():
@@ -286,6 +366,6 @@ def to_zarr(
             part = part.drop_vars([v for v in part.variables if dim not in part[v].dims])
             part.to_zarr(partial, region={dim: region}, consolidated=False)
         marker.touch()
-    shutil.rmtree(done_dir)
     os.replace(partial, store)
+    shutil.rmtree(done_dir)
     return store
