@@ -200,3 +200,47 @@ def test_zarr_resume_signature_sees_coordinates_and_dtypes(downscaled, tmp_path)
     as64 = ds.assign(air_temperature=ds.air_temperature.astype(np.float64))
     for other in (shifted, as64, ds.chunk(time=3), ds.rename(air_temperature="tas")):
         assert _resume_signature(other, level=3, keepbits=None) != base
+
+
+@pytest.fixture(scope="module")
+def coarse_without_mapping():
+    """HadCM3 as ``open_dataset(...)["air_temperature"]`` gives it: ``grid_mapping``
+    names a variable that a DataArray does not carry along."""
+    fine = hadcm3_air_temperature().isel(time=slice(0, 4)).drop_vars("latitude_longitude")
+    coarse = coarsen(fine, 4)
+    assert coarse.attrs["grid_mapping"] == "latitude_longitude"
+    return coarse
+
+
+def test_netcdf_writes_the_grid_mapping_a_variable_names(coarse_without_mapping, tmp_path):
+    path = to_netcdf(coarse_without_mapping, tmp_path / "c.nc")
+    fails = cf_failures(path)
+    assert fails[3] == []  # was: "grid mapping variable latitude_longitude must exist"
+    assert not [m for ms in fails.values() for m in ms if "grid mapping" in m]
+    back = xr.open_dataset(path, decode_times=TIMES)
+    assert back["air_temperature"].attrs["grid_mapping"] == "latitude_longitude"
+    crs = back["latitude_longitude"]
+    assert crs.ndim == 0 and np.issubdtype(crs.dtype, np.integer)
+    assert crs.attrs["grid_mapping_name"] == "latitude_longitude"
+    raw = xr.open_dataset(path, decode_cf=False)
+    assert "_FillValue" not in raw["latitude_longitude"].attrs
+
+
+def test_zarr_writes_the_grid_mapping_a_variable_names(coarse_without_mapping, tmp_path):
+    store = to_zarr(coarse_without_mapping.chunk(time=2), tmp_path / "c.zarr")
+    back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)
+    assert back["air_temperature"].attrs["grid_mapping"] == "latitude_longitude"
+    assert back["latitude_longitude"].attrs["grid_mapping_name"] == "latitude_longitude"
+    assert back["latitude_longitude"].ndim == 0
+
+
+def test_a_missing_non_latlon_grid_mapping_is_dropped(coarse_without_mapping):
+    from xorbit.io import prepare
+
+    rotated = coarse_without_mapping.assign_attrs(grid_mapping="rotated_pole")
+    rotated["latitude"].attrs["standard_name"] = "grid_latitude"
+    rotated["longitude"].attrs["standard_name"] = "grid_longitude"
+    with pytest.warns(UserWarning, match="'air_temperature' names grid_mapping 'rotated_pole'"):
+        ds = prepare(rotated)
+    assert "grid_mapping" not in ds["air_temperature"].attrs
+    assert "rotated_pole" not in ds.variables

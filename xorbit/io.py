@@ -67,6 +67,45 @@ def bitround(a: np.ndarray, keepbits: int) -> np.ndarray:
     return np.where(np.isfinite(a), rounded, a)
 
 
+def _complete_grid_mappings(ds: xr.Dataset, ydim: str, xdim: str) -> xr.Dataset:
+    """Give every ``grid_mapping`` attribute the variable it names (CF requires it).
+
+    A DataArray taken out of a Dataset keeps its ``grid_mapping`` attribute but
+    not the variable the attribute names.  On a latitude-longitude grid that
+    variable can be written from nothing but its ``grid_mapping_name`` (the
+    figure of the Earth is not known, so it is left out); on any other grid it
+    cannot, and the dangling attribute is dropped with a warning.
+    """
+    latlon = (
+        ds[ydim].attrs.get("standard_name") == "latitude"
+        and ds[xdim].attrs.get("standard_name") == "longitude"
+    )
+    created: dict[str, xr.DataArray] = {}
+    for name, var in ds.data_vars.items():
+        mapping = var.attrs.get("grid_mapping")
+        if not isinstance(mapping, str):
+            continue
+        # the extended form "crs: lat lon crs2: x y" names several variables
+        names = re.findall(r"([A-Za-z][A-Za-z0-9_]*):", mapping) or [mapping.strip()]
+        missing = [n for n in names if n not in ds.variables and n not in created]
+        if not missing:
+            continue
+        if latlon and len(names) == 1 and _VALID_NAME.match(names[0]):
+            created[names[0]] = xr.DataArray(
+                np.int32(0), attrs={"grid_mapping_name": "latitude_longitude"}
+            )
+            continue
+        warnings.warn(
+            f"variable {name!r} names grid_mapping {mapping!r}, which the dataset does not "
+            f"hold, on a grid that is not plain latitude-longitude ({ydim!r}, {xdim!r}): "
+            "dropping the attribute rather than writing a dangling reference",
+            UserWarning,
+            stacklevel=3,
+        )
+        ds[name].attrs.pop("grid_mapping")
+    return ds.assign(created) if created else ds
+
+
 def prepare(
     obj: xr.DataArray | xr.Dataset,
     *,
@@ -98,6 +137,7 @@ def prepare(
     mappings = {v.attrs.get("grid_mapping") for v in ds.data_vars.values()} - {None}
     bounds = {ds[d].attrs["bounds"] for d in (ydim, xdim)}
     ds = ds.reset_coords([n for n in ds.coords if n in mappings | bounds])
+    ds = _complete_grid_mappings(ds, ydim, xdim)
     for name in mappings & set(ds.variables):
         ds[name].attrs.setdefault("long_name", "coordinate reference system")
     for name in list(ds.variables):
