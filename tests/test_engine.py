@@ -152,3 +152,16 @@ def test_two_downscales_in_one_graph_do_not_collide():
     alone = yb.compute(scheduler="sync")
     np.testing.assert_allclose(both[1], alone, rtol=0, atol=1e-6)
     assert np.abs(both[0] - both[1]).max() > 0.1
+
+
+def test_the_same_call_builds_the_same_graph():
+    """Resumable zarr writes compare Dask tokens: a repeated call must match, another model not."""
+    dsr = three_outputs()
+    x = da.from_array(coarse(), chunks=(1, 4, 12, 16))
+    a = downscale_array(x, dsr, tile=4, halo=2)
+    b = downscale_array(x, dsr, tile=4, halo=2)
+    assert a.name == b.name
+    other = three_outputs()
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)
+    assert downscale_array(x, other, tile=4, halo=2).name != a.name
