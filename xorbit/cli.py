@@ -33,15 +33,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _open(path: str, chunks: dict | None = None):
-    import xarray as xr
+    from .io import open_dataset
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    kw = dict(decode_times=xr.coders.CFDatetimeCoder(use_cftime=True), chunks=chunks or {})
-    if p.is_dir() or p.suffix == ".zarr":
-        return xr.open_zarr(p, consolidated=False, **kw)
-    return xr.open_dataset(p, **kw)
+    return open_dataset(path, chunks)
 
 
 def _parse_chunks(text: str | None) -> dict:
@@ -64,54 +58,15 @@ def _pair(text: str | None):
 
 
 def _select(ds, names):
-    import xarray as xr
+    from .variables import select
 
-    if not names:
-        return ds
-    missing = [v for v in names if v not in ds.data_vars]
-    if missing:
-        raise KeyError(
-            f"variables {missing} not in the file (has {sorted(map(str, ds.data_vars))})"
-        )
-    return xr.Dataset({v: ds[v] for v in names}, attrs=ds.attrs)
+    return select(ds, names, where="the file")
 
 
 def _train(args: argparse.Namespace) -> int:
-    import yaml
+    from .training.from_file import train_from_file
 
-    from . import ReslimConfig, coarsen, train
-
-    cfg_path = Path(args.config)
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"no such config file: {args.config}")
-    spec = yaml.safe_load(cfg_path.read_text()) or {}
-    base = cfg_path.parent
-    fine = _open(str(base / spec["fine"]))
-    model = dict(spec.get("model", {}))
-    preset = model.pop("preset", "tiny")
-    factor = int(model.pop("factor", spec.get("factor", 4)))
-    out_vars = model.pop("out_vars", spec.get("variables"))
-    if not out_vars:
-        raise ValueError("the config needs 'variables' (the variables to downscale)")
-    missing = [v for v in out_vars if v not in fine.data_vars]
-    if missing:
-        raise KeyError(f"variables {missing} not in {spec['fine']} (has {list(fine.data_vars)})")
-    fine = _select(fine, out_vars)
-    coarse = _open(str(base / spec["coarse"])) if spec.get("coarse") else coarsen(fine, factor)
-    if "coarse" not in spec:
-        fine = fine.isel(
-            {
-                d: slice(0, coarse.sizes[d] * factor)
-                for d in coarse.dims
-                if d in fine.dims and fine.sizes[d] != coarse.sizes[d]
-            }
-        )
-    in_vars = model.pop("in_vars", list(out_vars) + list(model.get("static_vars", [])))
-    cfg = ReslimConfig.preset(preset, factor=factor, in_vars=in_vars, out_vars=out_vars, **model)
-    train_opts = dict(spec.get("train", {}))
-    dsr = train(coarse, fine, cfg, progress=not args.quiet, **train_opts)
-    out = base / spec.get("output", "model.xorbit")
-    dsr.save(out)
+    dsr, out = train_from_file(args.config, progress=not args.quiet)
     last = dsr.history[-1] if dsr.history else {}
     scores = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("rmse"))
     print(f"wrote {out} ({dsr!r}); last epoch: {scores or 'no validation'}")

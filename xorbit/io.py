@@ -30,10 +30,29 @@ from . import grid
 from ._files import atomic_write
 from ._version import __version__
 
-__all__ = ["CONVENTIONS", "bitround", "prepare", "to_netcdf", "to_zarr"]
+__all__ = ["CONVENTIONS", "bitround", "open_dataset", "prepare", "to_netcdf", "to_zarr"]
 
 CONVENTIONS = "CF-1.10"
 _VALID_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def open_dataset(path: str | os.PathLike, chunks: dict | None = None) -> xr.Dataset:
+    """Open a netCDF file or a zarr store lazily, with cftime dates (any calendar).
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing is at ``path``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    kw: dict[str, Any] = dict(
+        decode_times=xr.coders.CFDatetimeCoder(use_cftime=True), chunks=chunks or {}
+    )
+    if p.is_dir() or p.suffix == ".zarr":
+        return xr.open_zarr(p, consolidated=False, **kw)
+    return xr.open_dataset(p, **kw)
 
 
 def _clean_attrs(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ __all__ = [
     "coordinate_fields",
     "find_variable",
     "gather",
+    "select",
     "var_names",
 ]
 
@@ -141,3 +142,19 @@ def gather(
             "them, or pass static fields as static=..."
         )
     return {name: found[name] for name in names}
+
+
+def select(ds: xr.Dataset, names: Sequence[str] | None, where: str = "the data") -> xr.Dataset:
+    """The data variables ``names`` of ``ds`` (all when empty), by exact name.
+
+    Raises
+    ------
+    KeyError
+        Naming the missing variables and listing what ``ds`` holds.
+    """
+    if not names:
+        return ds
+    missing = [v for v in names if v not in ds.data_vars]
+    if missing:
+        raise KeyError(f"variables {missing} not in {where} (has {sorted(map(str, ds.data_vars))})")
+    return xr.Dataset({v: ds[v] for v in names}, attrs=ds.attrs)

@@ -1,0 +1,73 @@
+"""Training described by a YAML file: what ``xorbit train CONFIG.yaml`` runs.
+
+The file names the fine data (and optionally the coarse data; else the fine
+data are cell-averaged), the variables, the model and the training options::
+
+    fine: hadcm3.nc            # paths relative to the YAML file
+    variables: [air_temperature]
+    model: {preset: tiny, factor: 4, img_size: [9, 12]}
+    train: {epochs: 40, lr: 3.0e-3}
+    output: model.xorbit
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..downscaler import Downscaler
+from ..io import open_dataset
+from ..model.config import ReslimConfig
+from ..variables import select
+from . import train
+from .samples import coarsen
+
+__all__ = ["train_from_file"]
+
+
+def train_from_file(path: str | os.PathLike, *, progress: bool = True) -> tuple[Downscaler, Path]:
+    """Train as the YAML file at ``path`` says and save the model; returns it and its path.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file, or a data file it names, does not exist.
+    ValueError, KeyError
+        For a file without ``variables``, or variables the data do not hold.
+    """
+    cfg_path = Path(path)
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"no such config file: {path}")
+    spec: dict[str, Any] = yaml.safe_load(cfg_path.read_text()) or {}
+    base = cfg_path.parent
+    if "fine" not in spec:
+        raise ValueError(f"{path}: the config needs 'fine' (the high-resolution data)")
+    fine = open_dataset(base / spec["fine"])
+    model = dict(spec.get("model", {}))
+    preset = model.pop("preset", "tiny")
+    factor = int(model.pop("factor", spec.get("factor", 4)))
+    out_vars = model.pop("out_vars", spec.get("variables"))
+    if not out_vars:
+        raise ValueError("the config needs 'variables' (the variables to downscale)")
+    fine = select(fine, out_vars, where=str(spec["fine"]))
+    if spec.get("coarse"):
+        coarse = open_dataset(base / spec["coarse"])
+    else:
+        coarse = coarsen(fine, factor)
+        # rows and columns beyond a multiple of the factor have no coarse parent
+        fine = fine.isel(
+            {
+                d: slice(0, coarse.sizes[d] * factor)
+                for d in coarse.dims
+                if d in fine.dims and fine.sizes[d] != coarse.sizes[d]
+            }
+        )
+    in_vars = model.pop("in_vars", list(out_vars) + list(model.get("static_vars", [])))
+    cfg = ReslimConfig.preset(preset, factor=factor, in_vars=in_vars, out_vars=out_vars, **model)
+    dsr = train(coarse, fine, cfg, progress=progress, **dict(spec.get("train", {})))
+    out = base / spec.get("output", "model.xorbit")
+    dsr.save(out)
+    return dsr, out
