@@ -65,6 +65,8 @@ def test_info(files, capsys):
     assert main(["info", str(files / "model.xorbit")]) == 0
     out = capsys.readouterr().out
     assert "Reslim x4" in out and "air_temperature [K]" in out and "sha256" in out
+    # the training grid travels with the model (HadCM3: 1.25 x 1.875 degrees, x4 coarser)
+    assert "coarse spacing 5.0 x 7.5, latitude ascending, longitude ascending" in out
     (files / "junk.xorbit").write_bytes(b"not a model")
     assert main(["info", str(files / "junk.xorbit")]) == 1
     assert "not a readable xorbit checkpoint" in one_line_error(capsys, "info")

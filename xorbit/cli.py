@@ -167,6 +167,16 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  inputs     {inputs}")
     print(f"  outputs    {', '.join(c.out_vars)}")
     print(f"  weights    sha256 {meta['weights_sha256']}")
+    g = dsr.grid
+    if g:
+        order = lambda asc: "ascending" if asc else "descending"  # noqa: E731
+        print(
+            f"  grid       coarse spacing {g.get('dy')} x {g.get('dx')}, latitude "
+            f"{order(g.get('y_ascending', True))}, longitude {order(g.get('x_ascending', True))}"
+            + (", several resolutions" if g.get("multi_resolution") else "")
+        )
+    else:
+        print("  grid       not recorded (saved by xorbit < 0.2): inputs used as given")
     if dsr.history:
         last = dsr.history[-1]
         print("  trained    " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
