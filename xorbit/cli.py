@@ -94,41 +94,11 @@ def _downscale(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-    import pandas as pd
-
     from . import grid
     from .metrics import evaluate
 
     def on_pred_grid(other, label):
-        """``other`` at the prediction's latitude / longitude values, matched by value.
-
-        Matching by position would score a file stored north to south against
-        the wrong rows; by value it is reordered (or cut from a larger domain)
-        instead.  Round-off up to a hundredth of the grid step is tolerated;
-        anything more means another grid and is refused.
-        """
-        for dim in (ydim, xdim):
-            if dim not in other.dims:
-                raise ValueError(
-                    f"the {label} has no dimension {dim!r} (has {tuple(map(str, other.dims))})"
-                )
-            want = pred[dim].values.astype(np.float64)
-            have = np.sort(other[dim].values.astype(np.float64))
-            steps = np.abs(np.diff(want if want.size > 1 else have))
-            tol = 0.01 * (steps.min() if steps.size else 1.0)
-            nearest = have[pd.Index(have).get_indexer(want, method="nearest")]
-            offset = float(np.abs(nearest - want).max())
-            if offset > tol:
-                raise ValueError(
-                    f"the {label}'s {dim!r} values are not the prediction's: offset by up to "
-                    f"{offset:.4g} (tolerated: {tol:.2g}, a hundredth of the grid step); "
-                    f"regrid the {label} first"
-                )
-            other = other.sortby(dim).reindex(
-                {dim: pred[dim].values}, method="nearest", tolerance=tol
-            )
-        return other
+        return grid.match_grid(other, pred, label=label, ref_label="prediction")
 
     pred, truth = _open(args.pred), _open(args.truth)
     ydim, xdim = grid.spatial_dims(pred)

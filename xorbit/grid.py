@@ -20,7 +20,14 @@ import cf_xarray  # noqa: F401  (registers the .cf accessor)
 import numpy as np
 import xarray as xr
 
-__all__ = ["cell_bounds", "fine_grid", "is_global_longitude", "refine_coord", "spatial_dims"]
+__all__ = [
+    "cell_bounds",
+    "fine_grid",
+    "is_global_longitude",
+    "match_grid",
+    "refine_coord",
+    "spatial_dims",
+]
 
 BOUNDS_DIM = "bnds"
 
@@ -457,3 +464,46 @@ def is_global_longitude(
             return False
     total = abs(float((bounds[:, 1] - bounds[:, 0]).sum()))
     return abs(total - 360.0) <= atol
+
+
+def match_grid(
+    other: xr.DataArray | xr.Dataset,
+    ref: xr.DataArray | xr.Dataset,
+    *,
+    label: str = "truth",
+    ref_label: str = "prediction",
+) -> xr.DataArray | xr.Dataset:
+    """``other`` at ``ref``'s latitude / longitude values, matched by value.
+
+    Matching by position would pair a field stored north to south with the
+    wrong rows; by value it is reordered (or cut from a larger domain) instead.
+    Round-off up to a hundredth of the grid step is tolerated, and the result
+    carries ``ref``'s exact coordinate values; anything more means another grid.
+
+    Raises
+    ------
+    ValueError
+        Naming the dimension and the offset when the values do not match.
+    """
+    import pandas as pd
+
+    ydim, xdim = spatial_dims(ref)
+    for dim in (ydim, xdim):
+        if dim not in other.dims:
+            raise ValueError(
+                f"the {label} has no dimension {dim!r} (has {tuple(map(str, other.dims))})"
+            )
+        want = ref[dim].values.astype(np.float64)
+        have = np.sort(other[dim].values.astype(np.float64))
+        steps = np.abs(np.diff(want if want.size > 1 else have))
+        tol = 0.01 * (steps.min() if steps.size else 1.0)
+        nearest = have[pd.Index(have).get_indexer(want, method="nearest")]
+        offset = float(np.abs(nearest - want).max())
+        if offset > tol:
+            raise ValueError(
+                f"the {label}'s {dim!r} values are not the {ref_label}'s: offset by up to "
+                f"{offset:.4g} (tolerated: {tol:.2g}, a hundredth of the grid step); "
+                f"regrid the {label} first"
+            )
+        other = other.sortby(dim).reindex({dim: ref[dim].values}, method="nearest", tolerance=tol)
+    return other
