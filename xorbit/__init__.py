@@ -5,6 +5,7 @@ Importing the package registers the ``.orbit`` accessor on DataArray and Dataset
 
 from . import accessor  # noqa: F401  (registers the .orbit accessors)
 from ._version import __version__
+from .baselines import baseline
 from .downscaler import Downscaler, load
 from .metrics import evaluate
 from .model import CheckpointError, Reslim, ReslimConfig
@@ -17,6 +18,7 @@ __all__ = [
     "Reslim",
     "ReslimConfig",
     "__version__",
+    "baseline",
     "coarsen",
     "evaluate",
     "load",
