@@ -1,6 +1,8 @@
 """CF-compliant, compressed, atomic and resumable output."""
 
 import json
+import sys
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -101,6 +103,121 @@ def test_bitround_by_hand():
         bitround(x, 30)
 
 
+def bitround_reference(a: np.ndarray, keepbits: int) -> np.ndarray:
+    """Round to nearest, ties to even, by arithmetic rather than bits: in float64,
+    divide by the float32 quantum of ``keepbits`` bits, `np.round` (ties to even),
+    multiply back (every step exact)."""
+    x = a.astype(np.float64)
+    _, exp = np.frexp(x)
+    # the quantum of a normal float32 in [2^(e-1), 2^e); subnormals share 2^-126's
+    quantum = np.ldexp(1.0, np.maximum(exp - 1, -126) - keepbits)
+    with np.errstate(over="ignore"):
+        return (np.round(x / quantum) * quantum).astype(np.float32)
+
+
+def test_bitround_rounds_to_nearest_ties_to_even():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    # exact ties (only the bit below the kept ones set) of both parities, the
+    # largest float32 (rounds up to inf), subnormals and zeros
+    ties = np.array([0x3F800000 | (1 << 12), 0x3F800000 | (3 << 12)], np.uint32)
+    edges = np.array([0x7F7FFFFF, 0x00000001, 0x007FFFFF, 0x00000000, 0x80000000], np.uint32)
+    a = np.concatenate([bits, ties, edges]).view(np.float32)
+    a = a[np.isfinite(a)]
+    for keepbits in range(24):
+        got = bitround(a, keepbits)
+        want = bitround_reference(a, keepbits)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=keepbits)
+    # 1 + 2^-11 lies exactly halfway between 10-bit neighbours: to the even one, 1
+    halfway = np.array([1 + 2**-11, 1 + 3 * 2**-11], np.float32)
+    np.testing.assert_array_equal(bitround(halfway, 10), [1.0, 1 + 4 * 2**-11])
+
+
+def test_bitround_keeps_every_nan_and_inf():
+    # numcodecs' BitRound alone turns these NaNs into inf, -0.0 or +0.0 at some
+    # keepbits (it rounds the payload like a mantissa)
+    patterns = [0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFFC00001, 0x7F800000, 0xFF800000]
+    a = np.array(patterns, np.uint32).view(np.float32)
+    for keepbits in (0, 1, 10, 22):
+        np.testing.assert_array_equal(bitround(a, keepbits).view(np.uint32), patterns)
+
+
+def smooth_noisy_field(chunks=None) -> xr.DataArray:
+    """A smooth 280 K field plus 0.01 K noise on a 32 x 48 lat-lon grid, 6 times."""
+    rng = np.random.default_rng(1)
+    lat = np.linspace(-30.0, 30.0, 32)
+    lon = np.linspace(0.0, 90.0, 48)
+    smooth = 280 + 10 * np.sin(np.radians(3 * lat))[:, None] * np.cos(np.radians(4 * lon))
+    values = smooth + rng.normal(0, 0.01, (6, 32, 48))
+    field = xr.DataArray(
+        values.astype(np.float32),
+        dims=("time", "latitude", "longitude"),
+        coords={
+            "time": np.arange(6.0),
+            "latitude": ("latitude", lat, {"units": "degrees_north"}),
+            "longitude": ("longitude", lon, {"units": "degrees_east"}),
+        },
+        name="tas",
+        attrs={"units": "K", "comment": "synthetic"},
+    )
+    return field.chunk(chunks) if chunks else field
+
+
+def test_keepbits_auto_keeps_the_information_and_records_it(tmp_path):
+    field = smooth_noisy_field()
+    lossless = to_netcdf(field, tmp_path / "a.nc")
+    path = field.orbit.to_netcdf(tmp_path / "auto.nc", keepbits="auto")
+    back = xr.open_dataset(path)["tas"]
+    k = back.attrs["xorbit_keepbits"]
+    assert 1 <= k <= 22  # lossy, yet not everything dropped
+    rel = np.abs(back.values - field.values) / np.abs(field.values)
+    assert 0 < rel.max() <= 2.0 ** -(k + 1)
+    assert back.attrs["comment"] == (
+        f"synthetic; mantissa rounded to {k} bits (relative error <= 2**-{k + 1}), "
+        "chosen by xbitinfo to keep 99% of the real information"
+    )
+    assert path.stat().st_size < lossless.stat().st_size
+    # bounds are geometry: never rounded
+    np.testing.assert_array_equal(
+        xr.open_dataset(path).latitude_bnds, xr.open_dataset(lossless).latitude_bnds
+    )
+
+
+def test_keepbits_auto_measures_dask_data_on_the_first_time_chunk():
+    from xorbit.io import prepare
+
+    seen = []
+
+    def record(block, block_info=None):
+        seen.append(block_info[0]["array-location"][0][0])
+        return block
+
+    field = smooth_noisy_field(chunks={"time": 2})
+    field = field.copy(data=field.data.map_blocks(record, dtype=np.float32))
+    ds = prepare(field, keepbits="auto")
+    assert seen == [0]  # the sample: the first chunk along time, nothing else
+    assert isinstance(ds["tas"].data, da.Array)  # the rest stays lazy
+    eager = prepare(smooth_noisy_field().isel(time=slice(0, 2)), keepbits="auto")
+    assert ds["tas"].attrs["xorbit_keepbits"] == eager["tas"].attrs["xorbit_keepbits"]
+
+
+def test_keepbits_auto_keeps_a_constant_field_exact():
+    from xorbit.io import prepare
+
+    flat = xr.full_like(smooth_noisy_field(), 280.3)
+    ds = prepare(flat, keepbits="auto")
+    assert ds["tas"].attrs["xorbit_keepbits"] == 23
+    np.testing.assert_array_equal(ds["tas"].values, flat.values)
+
+
+def test_keepbits_auto_without_xbitinfo_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "xbitinfo", None)  # import xbitinfo -> ImportError
+    with pytest.raises(ImportError, match=r"'tas'.*pip install 'xorbit\[bitinfo\]'"):
+        to_netcdf(smooth_noisy_field(), tmp_path / "x.nc", keepbits="auto")
+    with pytest.raises(ValueError, match="'best'"):
+        to_netcdf(smooth_noisy_field(), tmp_path / "x.nc", keepbits="best")
+
+
 def test_failed_netcdf_write_keeps_the_old_file(downscaled, tmp_path, monkeypatch):
     path = to_netcdf(downscaled.isel(time=[0]), tmp_path / "out.nc")
     before = path.read_bytes()
@@ -128,7 +245,9 @@ def flaky(block, block_info=None):
 
 
 def crashed_write(downscaled, store, **kw):
-    """A write of ``downscaled`` in 2-step time chunks, killed at time 6; the field."""
+    """A write of ``downscaled`` in 2-step time chunks, killed at time 6; the field.
+
+    ``keepbits="auto"`` computes the first chunk once more (its sample)."""
     data = downscaled.data.rechunk((2, 36, 48)).map_blocks(flaky, dtype=np.float32)
     field = downscaled.copy(data=data)
     COMPUTED.clear()
@@ -136,7 +255,8 @@ def crashed_write(downscaled, store, **kw):
     with pytest.raises(RuntimeError, match="killed while computing time 6"):
         field.orbit.to_zarr(store, **kw)
     assert not store.exists() and store.with_name(store.name + ".partial").exists()
-    assert sorted(COMPUTED) == [0, 2, 4]
+    sampled = [0] if kw.get("keepbits") == "auto" else []
+    assert sorted(COMPUTED) == sorted([*sampled, 0, 2, 4])
     COMPUTED.clear()
     FAIL_ON["block"] = None
     return field
@@ -187,6 +307,25 @@ def test_zarr_resume_with_other_encoding_starts_afresh(
     meta = json.loads((store / "air_temperature" / "zarr.json").read_text())
     (blosc,) = [c for c in meta["codecs"] if c["name"] == "blosc"]
     assert blosc["configuration"]["clevel"] == second.get("level", 3)
+
+
+def test_zarr_resume_with_auto_keepbits(downscaled, tmp_path):
+    store = tmp_path / "out.zarr"
+    field = crashed_write(downscaled, store, keepbits="auto")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        field.orbit.to_zarr(store, keepbits="auto")
+    assert not [w for w in record if "starting afresh" in str(w.message)]
+    assert sorted(COMPUTED) == [0, 6, 8, 10]  # the sample, then only the unfinished regions
+    back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)["air_temperature"]
+    k = back.attrs["xorbit_keepbits"]
+    assert 1 <= k <= 23
+    np.testing.assert_array_equal(back.values, bitround(downscaled.values, k))
+    # "auto" is not keepbits=None: resuming that one starts afresh
+    other = tmp_path / "other.zarr"
+    crashed_write(downscaled, other, keepbits="auto")
+    with pytest.warns(UserWarning, match=rf"keepbits \({k} -> None\).*starting afresh"):
+        field.orbit.to_zarr(other)
 
 
 def test_zarr_resume_signature_sees_coordinates_and_dtypes(downscaled, tmp_path):

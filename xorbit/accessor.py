@@ -306,14 +306,21 @@ class _OrbitBase:
 
         return interpolate(self._obj, factor, method, periodic)
 
-    def to_netcdf(self, path, *, complevel: int = 4, keepbits: int | None = None, **cf: Any):
-        """Write CF-compliant, compressed netCDF atomically (see `xorbit.io.to_netcdf`)."""
+    def to_netcdf(self, path, *, complevel: int = 4, keepbits: int | str | None = None, **cf: Any):
+        """Write CF-compliant, compressed netCDF atomically (see `xorbit.io.to_netcdf`).
+
+        ``keepbits``: ``None`` (lossless), an int in 0..23 (mantissa bits kept), or
+        ``"auto"`` (the bits keeping 99 % of each variable's information; xbitinfo).
+        """
         from .io import to_netcdf
 
         return to_netcdf(self._obj, path, complevel=complevel, keepbits=keepbits, **cf)
 
-    def to_zarr(self, store, *, level: int = 3, keepbits: int | None = None, **kwargs: Any):
-        """Write CF-ready zarr, atomically and resumably (see `xorbit.io.to_zarr`)."""
+    def to_zarr(self, store, *, level: int = 3, keepbits: int | str | None = None, **kwargs: Any):
+        """Write CF-ready zarr, atomically and resumably (see `xorbit.io.to_zarr`).
+
+        ``keepbits``: ``None``, an int in 0..23 or ``"auto"``, as for `to_netcdf`.
+        """
         from .io import to_zarr
 
         return to_zarr(self._obj, store, level=level, keepbits=keepbits, **kwargs)

@@ -10,6 +10,7 @@ never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import warnings
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from numcodecs import BitRound
 
 from . import grid
 from ._files import atomic_write
@@ -71,21 +74,113 @@ def _clean_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 def bitround(a: np.ndarray, keepbits: int) -> np.ndarray:
     """Round float32 mantissas to ``keepbits`` bits (round to nearest, ties to even).
 
-    The relative error is at most ``2 ** -(keepbits + 1)``; the zeroed trailing
-    bits compress well.  NaN and infinities are kept.
+    The rounding is numcodecs' `BitRound` codec (the one zarr stores use).  The
+    relative error is at most ``2 ** -(keepbits + 1)``; the zeroed trailing
+    bits compress well.  NaN and infinities are kept as they are.
+
+    Raises
+    ------
+    ValueError
+        If ``keepbits`` is not between 0 and 23.
     """
     if not 0 <= keepbits <= 23:
         raise ValueError(f"keepbits must be between 0 and 23 for float32, got {keepbits}")
     a = np.ascontiguousarray(a, dtype=np.float32)
     if keepbits == 23:
         return a
-    bits = a.view(np.uint32)
-    drop = 23 - keepbits
-    half = np.uint32((1 << (drop - 1)) - 1)
-    lsb = (bits >> np.uint32(drop)) & np.uint32(1)
-    mask = np.uint32((0xFFFFFFFF << drop) & 0xFFFFFFFF)
-    rounded = ((bits + half + lsb) & mask).view(np.float32)
+    rounded = BitRound(int(keepbits)).encode(a).view(np.float32).reshape(a.shape)
+    # BitRound rounds the payload bits of a NaN as if they were a mantissa: a NaN
+    # can come out as an infinity, -0.0 or even +0.0 (0xFFFFFFFF wraps to zero),
+    # so the non-finite values are put back untouched
     return np.where(np.isfinite(a), rounded, a)
+
+
+def _information_keepbits(var: xr.DataArray, ydim: str, xdim: str) -> int:
+    """Mantissa bits that keep 99 % of the real information of ``var`` (xbitinfo).
+
+    The information is measured along latitude and longitude (the larger of the
+    two counts is kept; a variable without them along its own dimensions) on
+    float32 values, as they will be written; Dask data
+    are measured on a sample: the first chunk of every other dimension (e.g. of
+    time), computed once more here.
+    """
+    try:
+        import xbitinfo
+    except ImportError as err:
+        raise ImportError(
+            f"keepbits='auto' (variable {var.name!r}) needs xbitinfo: pip install 'xorbit[bitinfo]'"
+        ) from err
+    dims = [d for d in (ydim, xdim) if d in var.dims] or list(var.dims)
+    if not dims:
+        return 23  # a scalar: nothing to measure, nothing to gain
+    sample = var
+    if isinstance(var.data, da.Array):
+        sample = var.isel(
+            {d: slice(0, c[0]) for d, c in zip(var.dims, var.chunks, strict=True) if d not in dims}
+        )
+    sample = sample.astype(np.float32).compute()
+    ds = sample.to_dataset(name="v")
+    # xbitinfo draws a tqdm progress bar on stderr for every call
+    with contextlib.redirect_stderr(StringIO()):
+        info = xbitinfo.get_bitinformation(ds, dim=dims, implementation="python")
+    if not float(info["v"].sum()) > 0:
+        # a constant (or all-NaN) field carries no information and xbitinfo's
+        # answer is meaningless (negative); it costs nothing to keep it exact
+        return 23
+    keep = xbitinfo.get_keepbits(info, inflevel=0.99)["v"]
+    return int(np.clip(int(keep.max()), 0, 23))
+
+
+def _resolve_keepbits(ds: xr.Dataset, keepbits: int | str | None) -> dict[str, int]:
+    """Mantissa bits per floating-point data variable of ``ds`` ({} if lossless).
+
+    ``keepbits`` is ``None`` (lossless), an int in 0..23 for every variable, or
+    ``"auto"``: per variable, the bits that keep 99 % of its real information
+    (`_information_keepbits`, needs the ``bitinfo`` extra).
+
+    Raises
+    ------
+    ValueError
+        If ``keepbits`` is none of these.
+    ImportError
+        For ``"auto"`` without xbitinfo installed.
+    """
+    if keepbits is None:
+        return {}
+    # bounds are data variables in CF but geometry, not data: rounding them to a
+    # few bits would move the cell edges
+    aux = _auxiliary(ds)
+    floats = [
+        n for n, v in ds.data_vars.items() if n not in aux and np.issubdtype(v.dtype, np.floating)
+    ]
+    if isinstance(keepbits, str):
+        if keepbits != "auto":
+            raise ValueError(f"keepbits must be an int in 0..23, 'auto' or None, got {keepbits!r}")
+        ydim, xdim = grid.spatial_dims(ds)
+        return {str(n): _information_keepbits(ds[n], ydim, xdim) for n in floats}
+    if isinstance(keepbits, bool) or not 0 <= keepbits <= 23:
+        raise ValueError(f"keepbits must be between 0 and 23 for float32, got {keepbits!r}")
+    return {str(n): int(keepbits) for n in floats}
+
+
+def _round(ds: xr.Dataset, bits: dict[str, int], *, auto: bool) -> xr.Dataset:
+    """``ds`` with each named variable bit-rounded (as float32) and the rounding recorded."""
+    for name, keep in bits.items():
+        var = ds[name]
+        data = var.data
+        if isinstance(data, da.Array):
+            data = data.astype(np.float32).map_blocks(bitround, keep, dtype=np.float32)
+        else:
+            data = bitround(np.asarray(data), keep)
+        ds[name] = var.copy(data=data)
+        note = f"mantissa rounded to {keep} bits (relative error <= 2**-{keep + 1})"
+        if auto:
+            note += ", chosen by xbitinfo to keep 99% of the real information"
+        old = var.attrs.get("comment")
+        ds[name].attrs["xorbit_keepbits"] = keep
+        # the variable's own comment is kept in front, not overwritten
+        ds[name].attrs["comment"] = f"{old}; {note}" if old else note
+    return ds
 
 
 def _complete_grid_mappings(ds: xr.Dataset, ydim: str, xdim: str) -> xr.Dataset:
@@ -133,9 +228,13 @@ def prepare(
     title: str | None = None,
     source: str | None = None,
     references: str | None = None,
-    keepbits: int | None = None,
+    keepbits: int | str | None = None,
 ) -> xr.Dataset:
-    """A CF-ready copy of ``obj`` (lazy data stay lazy)."""
+    """A CF-ready copy of ``obj`` (lazy data stay lazy).
+
+    ``keepbits`` (``None``, an int in 0..23 or ``"auto"``) bit-rounds the float
+    data variables as `to_netcdf` describes.
+    """
     ds = obj.to_dataset(name=obj.name or "data") if isinstance(obj, xr.DataArray) else obj.copy()
     ydim, xdim = grid.spatial_dims(ds)
     for dim, (sn, units, axis) in (
@@ -164,18 +263,7 @@ def prepare(
     for name in list(ds.variables):
         ds[name].attrs = _clean_attrs(dict(ds[name].attrs))
         ds[name].encoding.pop("_FillValue", None)
-    for name, var in ds.data_vars.items():
-        if keepbits is not None and np.issubdtype(var.dtype, np.floating):
-            data = var.data
-            if isinstance(data, da.Array):
-                data = data.astype(np.float32).map_blocks(bitround, keepbits, dtype=np.float32)
-            else:
-                data = bitround(np.asarray(data), keepbits)
-            ds[name] = var.copy(data=data)
-            ds[name].attrs["xorbit_keepbits"] = int(keepbits)
-            ds[name].attrs["comment"] = (
-                f"mantissa rounded to {keepbits} bits (relative error <= 2**-{keepbits + 1})"
-            )
+    ds = _round(ds, _resolve_keepbits(ds, keepbits), auto=keepbits == "auto")
     attrs = _clean_attrs(dict(ds.attrs))
     attrs["Conventions"] = CONVENTIONS
     attrs["title"] = title or attrs.get("title") or "Downscaled fields (xorbit)"
@@ -220,7 +308,7 @@ def to_netcdf(
     path: str | os.PathLike,
     *,
     complevel: int = 4,
-    keepbits: int | None = None,
+    keepbits: int | str | None = None,
     **cf: Any,
 ) -> Path:
     """Write a CF-compliant, compressed netCDF4 file atomically; returns its path.
@@ -230,8 +318,13 @@ def to_netcdf(
     complevel
         zlib level (lossless).
     keepbits
-        If given, round float mantissas to this many bits first (lossy; recorded
-        in the variable's attrs).
+        If an int (0..23), round float mantissas to this many bits first, as
+        float32 (lossy: relative error <= ``2 ** -(keepbits + 1)``).  ``"auto"``
+        chooses, per variable, the bits that keep 99 % of its real information
+        (xbitinfo's bit information along latitude and longitude; needs the
+        ``bitinfo`` extra).  Dask data are measured on a sample, the first chunk
+        along time (every non-spatial dimension), which is computed once more for
+        it.  Either way the variable records ``xorbit_keepbits`` and a comment.
     **cf
         ``title``, ``source``, ``references`` for the global attributes.
     """
@@ -282,7 +375,18 @@ def _values_hash(var: xr.Variable) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def _resume_signature(ds: xr.Dataset, *, level: int, keepbits: int | None) -> dict[str, Any]:
+def _signature_keepbits(bits: dict[str, int]) -> int | dict[str, int] | None:
+    """The rounding as the resume signature records it: one number when every
+    variable shares it (so ``"auto"`` that chose 7 matches ``keepbits=7``), else
+    a number per variable; ``None`` when lossless."""
+    if len(set(bits.values())) == 1:
+        return next(iter(bits.values()))
+    return dict(sorted(bits.items())) or None
+
+
+def _resume_signature(
+    ds: xr.Dataset, *, level: int, keepbits: int | dict[str, int] | None
+) -> dict[str, Any]:
     """Everything that decides the bytes a region writes, to compare before resuming.
 
     Regions of an interrupted write are kept only if the new call would write
@@ -346,7 +450,7 @@ def to_zarr(
     store: str | os.PathLike,
     *,
     level: int = 3,
-    keepbits: int | None = None,
+    keepbits: int | str | None = None,
     resume: bool = True,
     **cf: Any,
 ) -> Path:
@@ -367,7 +471,11 @@ def to_zarr(
     level
         zstd level (lossless).
     keepbits
-        Round float mantissas to this many bits first (lossy, recorded in attrs).
+        Round float mantissas to this many bits first, or ``"auto"``: the bits
+        that keep 99 % of the information (as in `to_netcdf`; Dask data are
+        measured on their first chunk along time).  ``"auto"`` is resolved to
+        numbers before the resume signature is compared, so calling again with
+        ``"auto"`` resumes, and so does the explicit number it chose.
     resume
         Continue a ``<store>.partial`` left by an interrupted call (default);
         ``False`` starts afresh.
@@ -384,9 +492,13 @@ def to_zarr(
     # the markers live beside the store, not in it: zarr warns about folders it
     # does not know on every write
     done_dir = store.with_name(store.name + ".partial-done")
-    ds = prepare(obj, keepbits=keepbits, **cf)
+    ds = prepare(obj, **cf)
+    # "auto" becomes numbers here, before the signature: a second "auto" call
+    # compares the bits it chose, not the word
+    bits = _resolve_keepbits(ds, keepbits)
+    ds = _round(ds, bits, auto=keepbits == "auto")
     dim, regions = _regions(ds)
-    signature = _resume_signature(ds, level=level, keepbits=keepbits)
+    signature = _resume_signature(ds, level=level, keepbits=_signature_keepbits(bits))
     if partial.exists() and resume:
         try:
             previous = json.loads((done_dir / "signature.json").read_text())
