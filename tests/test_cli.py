@@ -97,6 +97,15 @@ def test_downscale_to_netcdf_and_zarr(files, capsys):
         == 0
     )
     assert xr.open_zarr(z, consolidated=False)["air_temperature"].attrs["xorbit_keepbits"] == 10
+    auto = files / "fine_auto.nc"
+    model = str(files / "model.xorbit")
+    coarse = str(files / "coarse.nc")
+    cmd = ["downscale", coarse, str(auto), "--model", model, "--keepbits", "auto", "--quiet"]
+    assert main(cmd) == 0
+    kept = xr.open_dataset(auto)["air_temperature"].attrs["xorbit_keepbits"]
+    assert 0 <= kept < 23
+    with pytest.raises(SystemExit):
+        main([*args, str(files / "model.xorbit"), "--keepbits", "most"])
     capsys.readouterr()
     assert (
         main(

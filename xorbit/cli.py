@@ -50,6 +50,17 @@ def _parse_chunks(text: str | None) -> dict:
     return out
 
 
+def _keepbits(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--keepbits expects a number of bits or 'auto', got {text!r}"
+        ) from None
+
+
 def _pair(text: str | None):
     if text is None:
         return None
@@ -179,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a .xorbit model file")
     p.add_argument("--chunks", help="Dask chunks, e.g. time=10")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if visible)")
-    p.add_argument("--keepbits", type=int, default=None, help="lossy: keep this many mantissa bits")
+    p.add_argument(
+        "--keepbits",
+        type=_keepbits,
+        default=None,
+        help="lossy: keep this many mantissa bits, or 'auto' (99%% of the real information)",
+    )
     p.add_argument("--tile", help="tile core size: n or ny,nx (default: from the model)")
     p.add_argument("--halo", help="tile halo: n or ny,nx (default: from the model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
