@@ -178,7 +178,111 @@ def test_two_rank_ddp_matches_one_process(client):
     moved = max_diff(weights(single), init)
     assert moved > 1e-3  # training moved the weights 100x beyond the tolerance below
     assert max_diff(weights(single), weights(ddp)) < 1e-5
-    assert ddp.history[-1]["rmse_tas"] == pytest.approx(single.history[-1]["rmse_tas"], rel=1e-4)
+    # validation split over the ranks and summed scores as one process does
+    for one, two in zip(single.history, ddp.history, strict=True):
+        for key in ("rmse_tas", "rmse_bicubic_tas"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), (one["epoch"], key)
+        assert two["best_epoch"] == one["best_epoch"]
+
+
+def ddp_pieces(nt=20, n_val=5, **config):
+    """A Downscaler, training crops and ``n_val`` validation steps."""
+    fine = fine_field(nt=nt)
+    data = pair_arrays(coarsen(fine, 4), fine, ["tas"], ["tas"], 4, {"tas": 280.0}, {"tas": 10.0})
+    dsr = xorbit.Downscaler.from_config(
+        small_config(**config), seed=1, mean={"tas": 280.0}, std={"tas": 10.0}
+    )
+    crops = PairedCrops(data.select(np.arange(nt - n_val)), (8, 8), 4, crops_per_time=2)
+    val = data.select(np.arange(nt - n_val, nt))
+    return dsr, crops, val
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_ddp_resume_after_a_kill_matches_an_uninterrupted_run(client, tmp_path, dropout):
+    fine = fine_field()
+    coarse = coarsen(fine, 4)
+    cfg = small_config(depth=2, drop_rate=dropout, drop_path=dropout)
+    kw = dict(epochs=3, batch_size=4, progress=False, seed=11, device="cpu", val_fraction=0.25)
+    full = train(coarse, fine, cfg, client=client, **kw)
+    ckpt = tmp_path / "ddp"
+    train(coarse, fine, cfg, client=client, checkpoint_dir=ckpt, stop_after=1, **kw)
+    state = load_state(ckpt)
+    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [1]
+    # one RNG state per rank, each rank its own stream
+    assert len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])
+    resumed = train(coarse, fine, cfg, client=client, checkpoint_dir=ckpt, resume=True, **kw)
+    assert max_diff(weights(full), weights(resumed)) == 0.0
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history == full.history  # losses and validation scores
+    if dropout:
+        # a state from before per-rank RNG (rank 0's CPU state only) still
+        # resumes; rank 1 reseeds, so dropout draws differ: the RNG matters here
+        old = {**state, "rng": state["rng"][0]["cpu"]}
+        torch.save(old, ckpt / "state.pt")
+        again = train(coarse, fine, cfg, client=client, checkpoint_dir=ckpt, resume=True, **kw)
+        assert [h["epoch"] for h in again.history] == [1, 2, 3]
+        assert max_diff(weights(full), weights(again)) > 1e-4
+
+
+@pytest.mark.distributed
+def test_every_rank_validates_its_share_and_gets_the_same_scores(client):
+    from xorbit.training import validate
+    from xorbit.training.distributed import fit_distributed
+    from xorbit.training.loop import TrainOptions
+
+    dsr, crops, val = ddp_pieces()
+    opts = TrainOptions(epochs=2, batch_size=4, progress=False, device="cpu", keep_best=False)
+    results = []
+    _, state = fit_distributed(client, dsr, crops, val, opts, rank_results=results)
+    assert [r["rank"] for r in results] == [0, 1]
+    histories = [r["history"] for r in results]
+    keys = ("rmse_tas", "rmse_bicubic_tas")
+    # the sums are all-reduced: both ranks hold the very same scores
+    assert [[h[k] for k in keys] for h in histories[0]] == [
+        [h[k] for k in keys] for h in histories[1]
+    ]
+    # and they are those of the returned weights validated in one process
+    dsr.model.load_state_dict(state)
+    again = validate(dsr, val)
+    for k in keys:
+        assert histories[0][-1][k] == pytest.approx(again[k], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_each_rank_limits_torch_threads_to_its_workers_share(client):
+    from xorbit._threads import available_cores
+    from xorbit.training.distributed import fit_distributed
+    from xorbit.training.loop import TrainOptions
+
+    dsr, crops, _ = ddp_pieces(nt=8, n_val=0)
+    opts = TrainOptions(epochs=1, batch_size=4, progress=False, device="cpu")
+    cores = max(client.run(available_cores).values())
+    before = client.run(torch.get_num_threads)
+    # as on a cluster whose workers let torch take every core of the host
+    client.run(torch.set_num_threads, cores)
+    try:
+        results = []
+        fit_distributed(client, dsr, crops, None, opts, rank_results=results)
+        # two one-thread workers on one host: half its cores each
+        assert [r["threads"] for r in results] == [max(1, cores // 2)] * 2
+        # the worker's own setting is back once the rank is done
+        assert set(client.run(torch.get_num_threads).values()) == {cores}
+        # an explicit count replaces the share
+        fit_distributed(client, dsr, crops, None, opts.replace(threads=1), rank_results=results)
+        assert [r["threads"] for r in results] == [1, 1]
+    finally:
+        for worker, n in before.items():
+            client.run(torch.set_num_threads, n, workers=[worker])
+
+
+@pytest.mark.distributed
+def test_the_rendezvous_host_is_rank_zeros_worker_host(client):
+    from xorbit.training.distributed import _worker_host
+
+    first = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
+    assert client.submit(_worker_host, workers=[first], pure=False).result() == "127.0.0.1"
 
 
 class FailingOnRankOne(PairedCrops):
@@ -229,3 +333,23 @@ def test_the_best_validation_epoch_is_kept():
     last = train(coarse, fine, small_config(), lr=2e-2, keep_best=False, **kw)
     again = validate(last, data.select(np.arange(12, 16)))
     assert again["rmse_tas"] == pytest.approx(last.history[-1]["rmse_tas"], rel=1e-6)
+
+
+def test_validation_sums_over_time_shards_add_up_to_the_whole():
+    from xorbit.training import validate
+    from xorbit.training.loop import rmse_scores, validation_sums
+
+    dsr, _, val = ddp_pieces(n_val=5)
+    val.fine[1, 0, :3] = np.nan  # missing targets count nowhere
+    whole = validation_sums(dsr, val)
+    assert whole.shape == (1, 3)
+    assert whole[0, 2] == np.isfinite(val.fine).sum() == 5 * 32 * 32 - 3 * 32
+    shards = [validation_sums(dsr, val.select(slice(r, None, 3))) for r in range(3)]
+    np.testing.assert_allclose(sum(shards), whole, rtol=1e-6)  # float32 predictions
+    # validate is the RMSE of those sums, in physical units
+    scores = validate(dsr, val)
+    assert scores == rmse_scores(dsr, whole)
+    assert scores["rmse_tas"] == pytest.approx(10 * np.sqrt(whole[0, 0] / whole[0, 2]))
+    assert scores["rmse_bicubic_tas"] == pytest.approx(10 * np.sqrt(whole[0, 1] / whole[0, 2]))
+    # a rank whose shard is empty adds nothing
+    assert not validation_sums(dsr, val.select(slice(5, None))).any()

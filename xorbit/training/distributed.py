@@ -1,11 +1,27 @@
 """Training on a Dask cluster: one torch DDP rank per Dask worker.
 
-`fit_distributed` scatters the training arrays to every worker once, finds a
-free port on rank 0's host, and runs `xorbit.training.loop.fit` on each worker as
-rank ``i`` of a ``torch.distributed`` process group (gloo on CPU, NCCL on GPU),
-wrapped in ``DistributedDataParallel``.  Ranks split each global batch, so the
-result matches a single process on the same global batches.  Only rank 0
-validates and writes checkpoints; it returns the weights.
+`fit_distributed` scatters the training arrays to every worker once and runs
+`xorbit.training.loop.fit` on each worker as rank ``i`` of a ``torch.distributed``
+process group (gloo on CPU, NCCL on GPU), wrapped in ``DistributedDataParallel``.
+Ranks split each global batch, so the result matches a single process on the
+same global batches.  Every rank validates its share of the validation time
+steps and the ranks add their error sums, so all of them get the scores of the
+whole set at the same moment; rank 0 writes checkpoints (holding every rank's
+RNG state) and returns the weights.
+
+Rendezvous: rank 0 binds a ``TCPStore`` on port 0, so the OS picks a free port
+in the bind itself (a port chosen first and bound later can be taken in
+between), and publishes ``(host, port)`` in a ``distributed.Variable`` named
+after the run; the other ranks read it and connect.  The host is the one in
+rank 0's Dask worker address, which the other workers already reach (what the
+hostname resolves to can be 127.0.1.1, unreachable from other machines).
+
+Threads: torch would take every core in each worker process, and Dask runs
+several workers (or threads) per host, oversubscribing it.  Each rank trains
+under at most its worker's share of its host's cores: the host's cores over
+the Dask threads of all workers on that host, times the worker's threads (the
+rank is the only task we give its worker).  ``TrainOptions.threads`` overrides
+the share.
 
 A rank that raises makes the call raise that error as soon as it arrives; the
 other ranks are abandoned (their collectives time out after ``timeout_s``).
@@ -13,18 +29,20 @@ other ranks are abandoned (their collectives time out after ``timeout_s``).
 The same code runs wherever Dask runs: a ``LocalCluster`` on a workstation, a
 multi-GPU box (``LocalCUDACluster`` from dask-cuda, one worker per GPU), or an
 HPC batch system through dask-jobqueue (``SLURMCluster(...).scale(jobs=N)``),
-provided every worker can reach rank 0's host on the chosen TCP port.
+provided every worker can reach rank 0's worker host on a TCP port.
 """
 
 from __future__ import annotations
 
 import datetime
-import socket
 import uuid
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from .._threads import available_cores, torch_threads
 from ..downscaler import Downscaler
 from .loop import TrainOptions, fit
 from .samples import PairedArrays, PairedCrops
@@ -32,59 +50,138 @@ from .samples import PairedArrays, PairedCrops
 __all__ = ["fit_distributed"]
 
 
-def _free_port() -> tuple[str, int]:
-    """A host address reachable by the other workers and a free TCP port on it."""
-    host = socket.gethostbyname(socket.gethostname())
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return host, s.getsockname()[1]
+def _address_host(address: str) -> str:
+    """The host part of a Dask address (``tcp://10.0.0.3:8786`` -> ``10.0.0.3``).
+
+    Raises
+    ------
+    ValueError
+        If the address names no host.
+    """
+    rest = address.split("://", 1)[-1]
+    if rest.startswith("["):  # IPv6: tcp://[fd00::2]:8786
+        host = rest[1:].split("]", 1)[0]
+    else:  # inproc://192.0.2.2/4167/4 has a path, tcp://host:port a port
+        host = rest.split("/", 1)[0].rsplit(":", 1)[0]
+    if not host:
+        raise ValueError(f"no host in the Dask worker address {address!r}")
+    return host
+
+
+def _worker_host() -> str:
+    """The host of the Dask worker running this task, as the other workers reach it."""
+    from distributed import get_worker
+
+    return _address_host(get_worker().address)
+
+
+def _thread_shares(
+    workers: Mapping[str, Mapping[str, Any]], cores: Mapping[str, int]
+) -> dict[str, int | None]:
+    """Torch threads for a rank on each worker: the worker's share of its host's cores.
+
+    ``workers`` is ``scheduler_info()["workers"]`` (``host``, ``nthreads`` of
+    each worker), ``cores`` the cores each worker may run on
+    (`xorbit._threads.available_cores`).  A host's cores are split over the Dask
+    threads of *all* its workers, ranks or not: the others run tasks too.  A
+    host whose workers reported no cores gets ``None`` (no limit).
+    """
+    host_threads: dict[str, int] = defaultdict(int)
+    host_cores: dict[str, int] = {}
+    for address, info in workers.items():
+        host = info["host"]
+        host_threads[host] += max(1, int(info["nthreads"]))
+        if address in cores:
+            host_cores[host] = max(host_cores.get(host, 0), int(cores[address]))
+    shares: dict[str, int | None] = {}
+    for address, info in workers.items():
+        n = host_cores.get(info["host"])
+        mine = max(1, int(info["nthreads"]))
+        shares[address] = None if n is None else max(1, n * mine // host_threads[info["host"]])
+    return shares
+
+
+def _rendezvous(
+    rank: int, world_size: int, name: str, timeout: datetime.timedelta
+) -> torch.distributed.TCPStore:
+    """The process group's store: rank 0 binds it, the others connect to it."""
+    from distributed import Variable
+
+    address = Variable(name)
+    if rank == 0:
+        host = _worker_host()
+        # not waiting for the others: they learn the port only once it is bound
+        store = torch.distributed.TCPStore(
+            host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        address.set([host, store.port])
+        return store
+    try:
+        host, port = address.get(timeout=timeout.total_seconds())
+    except TimeoutError:
+        raise TimeoutError(
+            f"rank {rank} got no rendezvous address from rank 0 in {timeout} ({name!r})"
+        ) from None
+    return torch.distributed.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
 
 
 def _rank_main(
     rank: int,
     world_size: int,
-    address: str,
-    port: int,
+    run_id: str,
     dsr: Downscaler,
     train: PairedCrops,
     val: PairedArrays | None,
     opts: TrainOptions,
     resume: dict[str, Any] | None,
     timeout_s: float,
-    stop_after: int | None = None,
-):
+    stop_after: int | None,
+    threads: int | None,
+) -> dict[str, Any]:
+    """One rank: join the group, `fit`, return what the client needs of this rank."""
     import torch.distributed as dist
 
     use_cuda = opts.device.startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(rank % torch.cuda.device_count())
-        opts.device = f"cuda:{torch.cuda.current_device()}"
+        opts = opts.replace(device=f"cuda:{torch.cuda.current_device()}")
+    if rank != 0:
+        # checkpoint_dir stays: fit gathers every rank's RNG for rank 0 to write
+        opts = opts.replace(progress=False)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _rendezvous(rank, world_size, f"xorbit-ddp-{run_id}-store", timeout)
     dist.init_process_group(
         "nccl" if use_cuda else "gloo",
-        init_method=f"tcp://{address}:{port}",
+        store=store,
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     try:
-        if rank != 0:
-            opts.checkpoint_dir = None
-            opts.progress = False
-            val = None
 
         def wrap(model: torch.nn.Module) -> torch.nn.Module:
             ids = [torch.cuda.current_device()] if use_cuda else None
             return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-        history = fit(
-            dsr, train, val, opts, resume=resume, rank=rank, world_size=world_size, wrap=wrap
-        )
+        with torch_threads(threads):
+            used = torch.get_num_threads()
+            history = fit(
+                dsr,
+                train,
+                val,
+                opts,
+                resume=resume,
+                rank=rank,
+                world_size=world_size,
+                wrap=wrap,
+                stop_after=stop_after,
+            )
     finally:
         dist.destroy_process_group()
+    result: dict[str, Any] = {"rank": rank, "threads": used, "history": history}
     if rank == 0:
-        state = {k: v.detach().cpu() for k, v in dsr.model.state_dict().items()}
-        return history, state
-    return None
+        result["state"] = {k: v.detach().cpu() for k, v in dsr.model.state_dict().items()}
+    return result
 
 
 def fit_distributed(
@@ -98,10 +195,13 @@ def fit_distributed(
     n_ranks: int | None = None,
     timeout_s: float = 300.0,
     stop_after: int | None = None,
+    rank_results: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     """Run `fit` as DDP over the workers of a ``distributed.Client``.
 
-    Returns rank 0's history and trained weights.
+    Returns rank 0's history and trained weights.  ``rank_results``, when
+    given, is filled with every rank's ``{"rank", "threads", "history"}`` in
+    rank order (``threads``: the torch threads it trained with).
 
     Raises
     ------
@@ -110,28 +210,35 @@ def fit_distributed(
     Exception
         The first error any rank raised, re-raised here.
     """
-    from distributed import as_completed
+    from distributed import Variable, as_completed
 
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    workers = sorted(info)
     if n_ranks is not None:
         workers = workers[:n_ranks]
     if not workers:
         raise RuntimeError("the Dask cluster has no workers to train on")
     world = len(workers)
+    if opts.threads is None:
+        shares = _thread_shares(info, client.run(available_cores))
+    else:
+        shares = dict.fromkeys(workers, opts.threads)
     run_id = uuid.uuid4().hex[:8]
-    address, port = client.submit(_free_port, workers=[workers[0]], pure=False).result()
-    shared = client.scatter([dsr, train, val], broadcast=True)
+    # fresh keys: content-hashed ones would be those of a previous call on the
+    # same data, whose release can still be under way (the scatter then hangs)
+    shared = client.scatter([dsr, train, val], broadcast=True, hash=False)
     futures = [
         client.submit(
             _rank_main,
             rank,
             world,
-            address,
-            port,
+            run_id,
             *shared,
             opts,
             resume,
             timeout_s,
+            stop_after,
+            shares.get(w),
             workers=[w],
             allow_other_workers=False,
             pure=False,
@@ -139,14 +246,16 @@ def fit_distributed(
         )
         for rank, w in enumerate(workers)
     ]
-    result = None
+    results: list[dict[str, Any]] = [{} for _ in workers]
     try:
         for fut in as_completed(futures):
             if fut.status == "error":
                 fut.result()  # raises the rank's own exception, at once
             value = fut.result()
-            if value is not None:
-                result = value
+            results[value["rank"]] = value
     finally:
         client.cancel([f for f in futures if not f.done()])
-    return result
+        Variable(f"xorbit-ddp-{run_id}-store", client=client).delete()
+    if rank_results is not None:
+        rank_results[:] = [{k: v for k, v in r.items() if k != "state"} for r in results]
+    return results[0]["history"], results[0]["state"]

@@ -12,9 +12,13 @@ the lowest validation RMSE (relative to bicubic, averaged over variables) are
 restored at the end: small regional training sets overfit within a few dozen
 epochs.
 
-Checkpoints (``checkpoint_dir/state.pt``: model, optimizer, scheduler, RNG,
-epoch, history; and ``checkpoint_dir/model.xorbit``, the Downscaler) are
-written atomically after each epoch by rank 0; ``resume=`` continues exactly.
+Validation is split over the DDP ranks by time step; the ranks add their sums
+of squared error (`validation_sums`) so that all get the scores of the whole set.
+
+Checkpoints (``checkpoint_dir/state.pt``: model, optimizer, scheduler, the RNG
+of every rank, epoch, history; and ``checkpoint_dir/model.xorbit``, the
+Downscaler) are written atomically after each epoch by rank 0; ``resume=``
+continues exactly.
 """
 
 from __future__ import annotations
@@ -39,7 +43,15 @@ from ..model.loss import bayesian_tv_loss
 from ..tiles import TilePlan, apply_tiled
 from .samples import PairedArrays, PairedCrops
 
-__all__ = ["TRAIN_PRESETS", "TrainOptions", "fit", "lr_factor", "validate"]
+__all__ = [
+    "TRAIN_PRESETS",
+    "TrainOptions",
+    "fit",
+    "lr_factor",
+    "rmse_scores",
+    "validate",
+    "validation_sums",
+]
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.xorbit"
@@ -82,6 +94,9 @@ class TrainOptions:
     tile: tuple[int, int] | None = None
     halo: tuple[int, int] | None = None
     keep_best: bool = True
+    # torch intra-op threads of each DDP rank, at most; None: the rank's worker's
+    # share of its host's cores (one-process training leaves torch's setting alone)
+    threads: int | None = None
 
     @classmethod
     def for_config(cls, config: ReslimConfig, **overrides: Any) -> TrainOptions:
@@ -125,7 +140,43 @@ def validate(
 
     Whole fields are predicted tile by tile, as ``.orbit.downscale`` would.
     """
+    sums = validation_sums(dsr, data, tile=tile, halo=halo, device=device, batch_size=batch_size)
+    return rmse_scores(dsr, sums)
+
+
+def rmse_scores(dsr: Downscaler, sums: np.ndarray) -> dict[str, float]:
+    """``rmse_{v}`` and ``rmse_bicubic_{v}`` (physical units) from `validation_sums`.
+
+    Sums of several time shards (DDP ranks) may be added first: the RMSE of the
+    total is the RMSE over all their time steps.  No valid pixel gives NaN.
+    """
+    scores = {}
+    for (sse, sse_bicubic, count), v in zip(sums, dsr.config.out_vars, strict=True):
+        s = dsr.std[v]
+        scores[f"rmse_{v}"] = math.sqrt(sse / count) * s if count else math.nan
+        scores[f"rmse_bicubic_{v}"] = math.sqrt(sse_bicubic / count) * s if count else math.nan
+    return scores
+
+
+def validation_sums(
+    dsr: Downscaler,
+    data: PairedArrays,
+    *,
+    tile: tuple[int, int] | None = None,
+    halo: tuple[int, int] | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Per output variable: squared error of the model, of bicubic, valid pixels.
+
+    A float64 array ``[V, 3]`` in normalized units (rows: ``config.out_vars``),
+    to be added over time shards before `rmse_scores`.  Whole fields are
+    predicted tile by tile, as ``.orbit.downscale`` would.
+    """
     from ..accessor import _tile_defaults
+
+    if not len(data):  # an empty shard (more DDP ranks than validation steps)
+        return np.zeros((len(dsr.config.out_vars), 3))
 
     cfg = dsr.config
     tile, halo = _tile_defaults(dsr, tile, halo)
@@ -145,14 +196,69 @@ def validate(
     bicubic = F.interpolate(
         coarse_out, scale_factor=cfg.factor, mode="bicubic", align_corners=False
     ).numpy()
-    scores = {}
-    for i, v in enumerate(cfg.out_vars):
-        truth = data.fine[:, i]
-        ok = np.isfinite(truth)
-        s = dsr.std[v]
-        scores[f"rmse_{v}"] = float(np.sqrt(np.mean((pred[:, i] - truth)[ok] ** 2)) * s)
-        scores[f"rmse_bicubic_{v}"] = float(np.sqrt(np.mean((bicubic[:, i] - truth)[ok] ** 2)) * s)
-    return scores
+    return _error_sums(pred, bicubic, data.fine)
+
+
+def _error_sums(pred: np.ndarray, bicubic: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``[V, 3]``: sums of squared error of ``pred`` and ``bicubic``, finite ``truth`` count."""
+    out = np.zeros((truth.shape[1], 3))
+    for i in range(truth.shape[1]):
+        ok = np.isfinite(truth[:, i])
+        target = truth[:, i][ok].astype(np.float64)
+        out[i, 0] = np.sum((pred[:, i][ok] - target) ** 2)
+        out[i, 1] = np.sum((bicubic[:, i][ok] - target) ** 2)
+        out[i, 2] = np.count_nonzero(ok)
+    return out
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG: CPU, and every CUDA device's when training on CUDA."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda" and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(saved: Any, rank: int, seed: int) -> None:
+    """Set this rank's RNG from a state's ``rng`` (a list indexed by rank)."""
+    if isinstance(saved, torch.Tensor):
+        # a state from before per-rank RNG: only rank 0's CPU generator was
+        # saved; the other ranks seed as a fresh run does, so dropout draws of
+        # those ranks differ from the uninterrupted run's
+        saved = [{"cpu": saved}]
+    if rank >= len(saved):
+        # more ranks than the run that wrote the state: as a fresh run
+        torch.manual_seed(seed + rank)
+        return
+    torch.set_rng_state(saved[rank]["cpu"])
+    cuda = saved[rank].get("cuda", [])
+    if cuda and torch.cuda.is_available():
+        # a host with fewer devices restores those it has
+        for i, state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
+
+
+def _all_ranks(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` of every rank, indexed by rank (a collective: every rank calls it)."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _sum_over_ranks(sums: np.ndarray, world_size: int, device: torch.device) -> np.ndarray:
+    """`validation_sums` added over all ranks (a collective: every rank calls it)."""
+    if world_size == 1:
+        return sums
+    import torch.distributed as dist
+
+    # on the training device: NCCL reduces CUDA tensors only
+    total = torch.from_numpy(sums).to(device)
+    dist.all_reduce(total)
+    return total.cpu().numpy()
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -188,14 +294,18 @@ def fit(
     dsr
         The model with its normalization (training mutates its weights).
     train, val
-        Training crops; held-out whole fields (or None).
+        Training crops; held-out whole fields (or None).  With several ranks
+        each validates every ``world_size``-th time step of ``val`` and the
+        error sums are all-reduced: every rank must get the same ``val``.
     opts
         Hyper-parameters and run settings.
     resume
         A state from `load_state`: continue after its epoch, exactly.
     rank, world_size, wrap
         Set by `xorbit.training.distributed`: this rank's index, the number of
-        ranks, and a function wrapping the model (DDP).
+        ranks, and a function wrapping the model (DDP).  With a
+        ``checkpoint_dir`` every rank must get it (all send their RNG state to
+        rank 0, which alone writes).
     stop_after
         Stop after this epoch (counting from 1) as if killed: for tests.
     """
@@ -236,15 +346,22 @@ def fit(
             group["lr"] = opts.lr * lr_factor(
                 scheduler.last_epoch, warmup, total, opts.lr, opts.warmup_start_lr, opts.min_lr
             )
-        torch.set_rng_state(resume["rng"])
+        _restore_rng(resume["rng"], rank, opts.seed)
         start_epoch = int(resume["epoch"])
         history = [dict(h) for h in resume["history"]]
         if "best" in resume:
             best = dict(resume["best"])
+            if rank != 0:
+                best["model"] = None  # only rank 0's weights are kept: spare the memory
     else:
         torch.manual_seed(opts.seed + rank)
     amp = device.type == "cuda"
     ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
+    validating = val is not None and len(val) > 0
+    if validating and world_size > 1:
+        # every rank validates its share of the time steps (a rank that waited
+        # for rank 0 to validate everything could time out its collective)
+        val = val.select(slice(rank, None, world_size))
     for epoch in range(start_epoch, opts.epochs):
         train.set_epoch(epoch)
         order = torch.randperm(
@@ -280,8 +397,9 @@ def fit(
             bar.close()
         record = {"epoch": epoch + 1, "loss": running / steps_per_epoch}
         record["lr"] = float(scheduler.get_last_lr()[0])
-        if val is not None and len(val) and rank == 0:
-            scores = validate(dsr, val, tile=opts.tile, halo=opts.halo, device=opts.device)
+        if validating:
+            sums = validation_sums(dsr, val, tile=opts.tile, halo=opts.halo, device=opts.device)
+            scores = rmse_scores(dsr, _sum_over_ranks(sums, world_size, device))
             record.update(scores)
             model.train()
             # one number over all variables: RMSE relative to bicubic, averaged
@@ -292,10 +410,15 @@ def fit(
                 best = {
                     "score": score,
                     "epoch": epoch + 1,
-                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    # rank 0 returns the weights; the others only track the epoch
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    if rank == 0
+                    else None,
                 }
             record["best_epoch"] = best["epoch"]
         history.append(record)
+        if ckpt_dir is not None:
+            rngs = _all_ranks(_rng_state(device), world_size)
         if ckpt_dir is not None and rank == 0:
             dsr.save(ckpt_dir / MODEL_FILE)
             _save_state(
@@ -304,7 +427,7 @@ def fit(
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
+                    "rng": rngs,
                     "epoch": epoch + 1,
                     "history": history,
                     "config": cfg.to_dict(),
