@@ -1,13 +1,26 @@
 """Skill scores as xarray objects (Dask-friendly): `evaluate` and its parts.
 
 Every score skips pixels where either field is NaN.  `evaluate` returns one
-``xr.Dataset`` with a ``variable`` dimension and one data variable per score;
-`power_spectra` returns radially averaged spectra separately.
+``xr.Dataset`` with a ``variable`` dimension (and a ``method`` dimension when
+given several predictions) and one data variable per score; `power_spectra`
+returns radially averaged spectra separately.
+
+A prediction with a ``sample`` dimension is an ensemble: the deterministic
+scores use its mean, the distributional ones (quantiles, trends, spectra) each
+member, and ``crps`` / ``spread_skill`` the members against each other.
+
+Libraries do the field's standard computations: xskillscore the CRPS, xrft the
+Fourier spectra of RALSD.  The means over every pixel and time (rmse, mae, bias,
+r2, pearson) stay plain xarray reductions: they give xskillscore's numbers, but
+xskillscore reduces inside one ``apply_ufunc`` that needs each reduced dimension
+in a single Dask chunk, i.e. the whole data set in memory for a score over
+(time, lat, lon).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
@@ -18,40 +31,94 @@ from . import grid
 __all__ = [
     "anomaly_r2",
     "bias",
+    "crps",
     "evaluate",
+    "fractional_year",
     "mae",
+    "p01_bias",
+    "p99_bias",
     "pearson",
     "power_spectra",
     "psnr",
+    "quantile_bias",
     "r2",
+    "ralsd",
     "rmse",
+    "spread_skill",
     "ssim",
+    "trend",
+    "trend_bias",
 ]
+
+Field = xr.DataArray | xr.Dataset
 
 
 def _valid(pred: xr.DataArray, truth: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
+    """Both fields aligned, with NaN wherever either is NaN.
+
+    A dimension only one side has (an ensemble's ``sample``) is reduced out of
+    the mask, so the truth keeps its own dims and a pixel counts only where
+    every member is valid.
+    """
     try:
         pred, truth = xr.align(pred, truth, join="exact")
     except ValueError as err:
         raise ValueError(
             f"prediction and truth are not on the same grid ({err}); regrid or assign_coords first"
         ) from err
-    both = pred.notnull() & truth.notnull()
+
+    def ok(x: xr.DataArray, other: xr.DataArray) -> xr.DataArray:
+        extra = [d for d in x.dims if d not in other.dims]
+        return x.notnull().all(extra) if extra else x.notnull()
+
+    both = ok(pred, truth) & ok(truth, pred)
     return pred.where(both), truth.where(both)
+
+
+def _has_latitude(obj: xr.DataArray) -> bool:
+    """Whether the Y dimension carries latitudes (not projected metres or a bare index)."""
+    ydim, _ = grid.spatial_dims(obj)
+    return ydim in obj.coords and grid._cf_meaning(obj[ydim]) == "latitude"
 
 
 def _weights(obj: xr.DataArray, lat_weighted: bool) -> xr.DataArray | None:
     if not lat_weighted:
         return None
     ydim, _ = grid.spatial_dims(obj)
+    if not _has_latitude(obj):
+        raise ValueError(
+            f"latitude weights need latitudes on dimension {ydim!r} (standard_name latitude "
+            "or units degrees_north); this grid has none, use lat_weighted=False"
+        )
     w = np.cos(np.deg2rad(obj[ydim])).clip(min=0)
-    return w / w.mean()
+    return (w / w.mean()).fillna(0)
 
 
 def _mean(x: xr.DataArray, dims, weights: xr.DataArray | None) -> xr.DataArray:
     if weights is None:
         return x.mean(dims)
-    return x.weighted(weights.fillna(0)).mean(dims)
+    return x.weighted(weights).mean(dims)
+
+
+def _whole(x: xr.DataArray, dims: Sequence[Hashable]) -> xr.DataArray:
+    """``x`` with each of ``dims`` in a single Dask chunk (NumPy data unchanged).
+
+    Quantiles need a pixel's whole series, spectra and SSIM whole maps, CRPS
+    every member.  The other dims are left to Dask ("auto") so that a field
+    stored one map per time step does not become one chunk holding everything
+    when its time axis is joined.
+    """
+    if x.chunks is None:
+        return x
+    return x.chunk({d: (-1 if d in dims else "auto") for d in x.dims})
+
+
+def _require_dim(x: xr.DataArray, dim: Hashable, score: str) -> None:
+    if dim not in x.dims:
+        raise ValueError(f"{score} needs dimension {dim!r}; the field has dims {tuple(x.dims)}")
+
+
+# --------------------------------------------------------------- deterministic scores
 
 
 def rmse(pred, truth, dims: Sequence[Hashable] | None = None, lat_weighted: bool = False):
@@ -95,10 +162,11 @@ def pearson(pred, truth, dims: Sequence[Hashable] | None = None):
     return (pa * ta).sum(dims) / np.sqrt((pa**2).sum(dims) * (ta**2).sum(dims))
 
 
-def _ssim_2d(a: np.ndarray, b: np.ndarray, data_range: float, win: int = 7) -> np.ndarray:
+def _ssim_2d(a: np.ndarray, b: np.ndarray, data_range, win: int = 7) -> np.ndarray:
     """Mean SSIM of the last two axes, as scikit-image's default (7x7 uniform window)."""
-    a = np.nan_to_num(np.asarray(a, np.float64))
-    b = np.nan_to_num(np.asarray(b, np.float64))
+    # an ensemble's members against the one truth map
+    a, b = np.broadcast_arrays(np.nan_to_num(np.asarray(a, np.float64)), np.nan_to_num(b))
+    data_range = np.asarray(data_range, np.float64)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     size = (1,) * (a.ndim - 2) + (win, win)
     n = win * win
@@ -115,8 +183,9 @@ def _ssim_2d(a: np.ndarray, b: np.ndarray, data_range: float, win: int = 7) -> n
 def ssim(pred, truth, data_range: float | None = None) -> xr.DataArray:
     """Structural similarity of each 2-D map, averaged over the other dims.
 
-    ``data_range`` defaults to the truth's max - min.  Maps need at least 7 x 7
-    pixels; NaN is treated as 0 (mask NaN regions out before for a fair score).
+    ``data_range`` defaults to the truth's max - min (computed lazily on Dask
+    input).  Maps need at least 7 x 7 pixels; NaN is treated as 0 (mask NaN
+    regions out before for a fair score).
     """
     p, t = _valid(pred, truth)
     ydim, xdim = grid.spatial_dims(t)
@@ -125,13 +194,13 @@ def ssim(pred, truth, data_range: float | None = None) -> xr.DataArray:
             f"ssim needs maps of at least 7 x 7 pixels, got {t.sizes[ydim]} x {t.sizes[xdim]}"
         )
     if data_range is None:
-        data_range = float(t.max() - t.min())
+        data_range = t.max() - t.min()
     per_map = xr.apply_ufunc(
         _ssim_2d,
-        p,
-        t,
-        kwargs={"data_range": data_range},
-        input_core_dims=[[ydim, xdim], [ydim, xdim]],
+        _whole(p, [ydim, xdim]),
+        _whole(t, [ydim, xdim]),
+        data_range,
+        input_core_dims=[[ydim, xdim], [ydim, xdim], []],
         dask="parallelized",
         output_dtypes=[np.float64],
     )
@@ -146,89 +215,180 @@ def psnr(pred, truth, data_range: float | None = None) -> xr.DataArray:
     return 10 * np.log10(data_range**2 / ((p - t) ** 2).mean())
 
 
-def _evaluate_one(pred, truth, baseline, time_dim) -> dict[str, xr.DataArray]:
-    scores = {
-        "rmse": rmse(pred, truth),
-        "rmse_latw": rmse(pred, truth, lat_weighted=True),
-        "mae": mae(pred, truth),
-        "mae_latw": mae(pred, truth, lat_weighted=True),
-        "bias": bias(pred, truth),
-        "r2": r2(pred, truth),
-        "pearson": pearson(pred, truth),
-        "ssim": ssim(pred, truth),
-        "psnr": psnr(pred, truth),
-    }
-    if time_dim in truth.dims and truth.sizes[time_dim] > 1:
-        scores["anomaly_r2"] = anomaly_r2(pred, truth, time_dim)
-    if baseline is not None:
-        base = rmse(baseline, truth)
-        scores["rmse_baseline"] = base
-        scores["skill_rmse"] = 1 - scores["rmse"] / base
-    return scores
+# ------------------------------------------------------------ climate statistics
 
 
-def evaluate(
-    pred: xr.DataArray | xr.Dataset,
-    truth: xr.DataArray | xr.Dataset,
-    *,
-    baseline: xr.DataArray | xr.Dataset | None = None,
-    time_dim: Hashable = "time",
-) -> xr.Dataset:
-    """Scores of ``pred`` against ``truth``, one row per variable.
+def _is_dates(coord: xr.DataArray) -> bool:
+    if np.issubdtype(coord.dtype, np.datetime64):
+        return True
+    if coord.dtype == object and coord.size:
+        import cftime
 
-    Parameters
-    ----------
-    pred, truth
-        Same variables on the same grid (a DataArray is one variable).
-    baseline
-        Optional reference forecast (e.g. bicubic): adds ``rmse_baseline`` and
-        ``skill_rmse = 1 - rmse / rmse_baseline`` (positive: better than it).
-    time_dim
-        For ``anomaly_r2`` (each pixel's time mean removed first).
+        return isinstance(coord.values.flat[0], cftime.datetime)
+    return False
 
-    Returns
-    -------
-    ``xr.Dataset`` with dimension ``variable`` and data variables ``rmse``,
-    ``rmse_latw``, ``mae``, ``mae_latw``, ``bias``, ``r2``, ``anomaly_r2``,
-    ``pearson``, ``ssim``, ``psnr`` (and the baseline scores).  Lazy on Dask
-    input: call ``.compute()``.
 
-    Raises
-    ------
-    KeyError
-        If a variable of ``pred`` is missing from ``truth`` (or ``baseline``).
-    ValueError
-        If the grids differ.
+def fractional_year(time: xr.DataArray) -> xr.DataArray:
+    """Decimal years of datetime64 or cftime dates, in the dates' own calendar.
+
+    ``year + (day of year - 1 + fraction of the day) / days in that year``, with
+    360 days in a ``360_day`` year, 365 in ``noleap`` and 365 or 366 in the
+    Gregorian calendars; so 1 January is always a whole year and a 360_day
+    series of monthly steps is evenly spaced.
     """
+    if not _is_dates(time):
+        raise ValueError(
+            f"time coordinate {time.name!r} holds {time.dtype} values, not dates; decode it "
+            "(xr.decode_cf) or assign datetime64 / cftime values to compute trends"
+        )
+    dt = time.dt
+    seconds = dt.hour * 3600 + dt.minute * 60 + dt.second + dt.microsecond * 1e-6
+    return dt.year + (dt.dayofyear - 1 + seconds / 86400) / dt.days_in_year
 
-    def as_ds(obj, name):
-        if obj is None or isinstance(obj, xr.Dataset):
-            return obj
-        return obj.to_dataset(name=obj.name if obj.name is not None else name)
 
-    pred_ds, truth_ds, base_ds = as_ds(pred, "var"), as_ds(truth, None), as_ds(baseline, None)
-    names = list(pred_ds.data_vars)
-    if isinstance(truth, xr.DataArray) and len(names) == 1:
-        truth_ds = truth.to_dataset(name=names[0])
-    if isinstance(baseline, xr.DataArray) and len(names) == 1:
-        base_ds = baseline.to_dataset(name=names[0])
-    rows = []
-    for name in names:
-        for label, ds in (("truth", truth_ds), ("baseline", base_ds)):
-            if ds is not None and name not in ds:
-                raise KeyError(
-                    f"variable {name!r} is not in the {label} (has {sorted(map(str, ds))})"
-                )
-        base = base_ds[name] if base_ds is not None else None
-        scores = _evaluate_one(pred_ds[name], truth_ds[name], base, time_dim)
-        rows.append(xr.Dataset({k: v.reset_coords(drop=True) for k, v in scores.items()}))
-    out = xr.concat(rows, dim="variable").assign_coords(variable=[str(n) for n in names])
-    units = {n: pred_ds[n].attrs.get("units") for n in names}
-    for key in ("rmse", "rmse_latw", "mae", "mae_latw", "bias", "rmse_baseline"):
-        if key in out and len(set(units.values())) == 1 and None not in units.values():
-            out[key].attrs["units"] = next(iter(units.values()))
-    out["psnr"].attrs["units"] = "dB"
-    return out
+def trend(x: xr.DataArray, time_dim: Hashable = "time") -> xr.DataArray:
+    """Least-squares linear trend of every series along ``time_dim``, per decade.
+
+    The slope against `fractional_year` times 10, over the time steps where
+    that pixel is not NaN; in the field's units per decade.
+    """
+    _require_dim(x, time_dim, "trend")
+    years = fractional_year(x[time_dim]).where(x.notnull())
+    # cov(years, x) / var(years) over the same steps; ddof cancels.  Unlike
+    # xskillscore.linslope it is plain reductions, so time may stay chunked.
+    return (10 * xr.cov(years, x, time_dim) / xr.cov(years, years, time_dim)).drop_vars(
+        time_dim, errors="ignore"
+    )
+
+
+def _trend_map(pred, truth, time_dim: Hashable) -> tuple[xr.DataArray, xr.DataArray]:
+    """Per-pixel trend of ``pred`` minus that of ``truth``, and the masked truth."""
+    p, t = _valid(pred, truth)
+    _require_dim(t, time_dim, "trend_bias")
+    return trend(p, time_dim) - trend(t, time_dim), t
+
+
+def trend_bias(
+    pred, truth, time_dim: Hashable = "time", lat_weighted: bool = False
+) -> xr.DataArray:
+    """Per-pixel `trend` of ``pred`` minus that of ``truth``, averaged over pixels (per decade)."""
+    diff, t = _trend_map(pred, truth, time_dim)
+    return _mean(diff, None, _weights(t, lat_weighted))
+
+
+def _nanquantile(a: np.ndarray, q: float) -> np.ndarray:
+    """NumPy's default ("linear") ``q`` quantile along the last axis, skipping NaN.
+
+    Vectorised: ``np.nanquantile`` (which xarray's ``quantile`` calls) loops in
+    Python over every pixel's series, minutes for a million-pixel map.
+    """
+    a = np.sort(a, axis=-1)  # NaN sort last
+    n = np.count_nonzero(~np.isnan(a), axis=-1)
+    last = np.maximum(n - 1, 0)
+    pos = q * last
+    lo = np.floor(pos).astype(np.intp)
+    below = np.take_along_axis(a, lo[..., None], -1)[..., 0]
+    above = np.take_along_axis(a, np.minimum(lo + 1, last)[..., None], -1)[..., 0]
+    return np.where(n > 0, below + (pos - lo) * (above - below), np.nan)
+
+
+def _quantile_map(pred, truth, q: float, time_dim: Hashable):
+    """Per-pixel ``q`` quantile of ``pred`` minus that of ``truth``, and the masked truth."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"quantile q must lie in [0, 1], got {q}")
+    p, t = _valid(pred, truth)
+    _require_dim(t, time_dim, "quantile_bias")
+    if t.sizes[time_dim] == 0:
+        raise ValueError(f"quantile_bias needs at least one step along {time_dim!r}, got 0")
+
+    def per_pixel(x: xr.DataArray) -> xr.DataArray:
+        return xr.apply_ufunc(
+            _nanquantile,
+            _whole(x, [time_dim]),
+            kwargs={"q": q},
+            input_core_dims=[[time_dim]],
+            dask="parallelized",
+            output_dtypes=[x.dtype],
+        )
+
+    return per_pixel(p) - per_pixel(t), t
+
+
+def quantile_bias(
+    pred, truth, q: float, time_dim: Hashable = "time", lat_weighted: bool = False
+) -> xr.DataArray:
+    """Per-pixel ``q`` quantile over ``time_dim`` of ``pred`` minus that of ``truth``, mean over pixels.
+
+    Quantiles interpolate linearly between order statistics (NumPy's default
+    method); a pixel missing at every step drops out; an ensemble's members are
+    scored one by one and averaged.
+    """
+    diff, t = _quantile_map(pred, truth, q, time_dim)
+    return _mean(diff, None, _weights(t, lat_weighted))
+
+
+def p99_bias(pred, truth, time_dim: Hashable = "time", lat_weighted: bool = False):
+    """`quantile_bias` at 0.99: is the hot (wet) tail of each pixel right?"""
+    return quantile_bias(pred, truth, 0.99, time_dim, lat_weighted)
+
+
+def p01_bias(pred, truth, time_dim: Hashable = "time", lat_weighted: bool = False):
+    """`quantile_bias` at 0.01: the cold (dry) tail."""
+    return quantile_bias(pred, truth, 0.01, time_dim, lat_weighted)
+
+
+# ----------------------------------------------------------------------- spectra
+
+
+RALSD_NFACTOR = 2  # xrft's ``nfactor``: min(ny, nx) / 2 radial wavenumber bins
+
+
+def _isotropic_spectrum(x: xr.DataArray, ydim: Hashable, xdim: Hashable) -> xr.DataArray:
+    """Radially averaged FFT power of every map (xrft), over ``freq_r`` in cycles per pixel.
+
+    The coordinates are replaced by pixel indices: RALSD compares two spectra
+    bin by bin, so physical units do not matter, and a grid that is only
+    nearly regular (a Gaussian grid) would fail xrft's even-spacing check.
+    Masked pixels take their map's mean.  A linear trend is removed and a Hann
+    window applied, so that the jump between opposite edges of a limited-area
+    map does not leak into every wavenumber.
+    """
+    import xrft
+
+    x = xr.DataArray(x.data, dims=x.dims)
+    x = _whole(x.fillna(x.mean([ydim, xdim])), [ydim, xdim])
+    fy, fx = f"freq_{ydim}", f"freq_{xdim}"
+    with warnings.catch_warnings():
+        # xrft's own use of Dataset.drop and the truncate=False notice
+        warnings.simplefilter("ignore", FutureWarning)
+        ps = xrft.power_spectrum(x, dim=[ydim, xdim], detrend="linear", window="hann")
+        iso = xrft.isotropize(ps, [fy, fx], nfactor=RALSD_NFACTOR, truncate=False)
+    # bins up to the Nyquist wavenumber of both axes; a bin holding only k = 0
+    # (the map mean, which the detrending removed) and empty bins have radius 0
+    kmax = min(float(ps[fy].max()), float(ps[fx].max()))
+    kr = iso["freq_r"].values
+    return iso.isel(freq_r=np.flatnonzero((kr > 0) & (kr <= kmax)))
+
+
+def ralsd(pred, truth) -> xr.DataArray:
+    """Radially averaged log-spectral distance in dB, per 2-D map, averaged over the other dims.
+
+    ``sqrt(mean over radial wavenumbers of (10 log10(P_pred / P_truth))²)``
+    with FFT power spectra from xrft (see `_isotropic_spectrum`).  Identical
+    spectra give 0; a prediction with ``c`` times the truth's amplitude at every
+    wavenumber gives ``|20 log10 c|``.  Maps need at least 8 x 8 pixels.
+    """
+    p, t = _valid(pred, truth)
+    ydim, xdim = grid.spatial_dims(t)
+    if min(t.sizes[ydim], t.sizes[xdim]) < 8:
+        raise ValueError(
+            f"ralsd needs maps of at least 8 x 8 pixels ({ydim!r} x {xdim!r}), "
+            f"got {t.sizes[ydim]} x {t.sizes[xdim]}"
+        )
+    log_ratio = 10 * np.log10(
+        _isotropic_spectrum(p, ydim, xdim) / _isotropic_spectrum(t, ydim, xdim)
+    )
+    return ((log_ratio**2).mean("freq_r") ** 0.5).mean()
 
 
 def _radial_spectrum(a: np.ndarray, nbins: int) -> np.ndarray:
@@ -269,7 +429,7 @@ def power_spectra(**fields: xr.DataArray) -> xr.Dataset:
         nbins = max(f.sizes[ydim], f.sizes[xdim]) + 1
         spec = xr.apply_ufunc(
             _radial_spectrum,
-            f,
+            _whole(f, [ydim, xdim]),
             kwargs={"nbins": nbins},
             input_core_dims=[[ydim, xdim]],
             output_core_dims=[["wavenumber"]],
@@ -283,3 +443,227 @@ def power_spectra(**fields: xr.DataArray) -> xr.Dataset:
     return ds.assign_coords(wavenumber=np.arange(ds.sizes["wavenumber"])).isel(
         wavenumber=slice(1, None)
     )
+
+
+# -------------------------------------------------------------------- ensembles
+
+
+def _members(pred: xr.DataArray, truth: xr.DataArray, sample_dim: Hashable, score: str) -> int:
+    _require_dim(pred, sample_dim, score)
+    if sample_dim in truth.dims:
+        raise ValueError(
+            f"{score}: the truth has the ensemble dimension {sample_dim!r}; only the "
+            "prediction may (select one truth or rename the dimension)"
+        )
+    return pred.sizes[sample_dim]
+
+
+def _crps_map(pred, truth, sample_dim: Hashable) -> tuple[xr.DataArray, xr.DataArray]:
+    """CRPS at every point (xskillscore), and the masked truth."""
+    import xskillscore as xs
+
+    _members(pred, truth, sample_dim, "crps")
+    p, t = _valid(pred, truth)
+    return xs.crps_ensemble(t, _whole(p, [sample_dim]), member_dim=sample_dim, dim=[]), t
+
+
+def crps(
+    pred,
+    truth,
+    sample_dim: Hashable = "sample",
+    dims: Sequence[Hashable] | None = None,
+    lat_weighted: bool = False,
+) -> xr.DataArray:
+    """Continuous ranked probability score of an ensemble, mean over ``dims`` (all by default).
+
+    Per point ``E|X - y| - E|X - X'|/2`` over the members (xskillscore's
+    ``crps_ensemble``, from properscoring); in the variable's units, 0 is perfect,
+    and a one-member ensemble scores its absolute error.
+    """
+    per_point, t = _crps_map(pred, truth, sample_dim)
+    return _mean(per_point, dims, _weights(t, lat_weighted))
+
+
+def spread_skill(
+    pred,
+    truth,
+    sample_dim: Hashable = "sample",
+    dims: Sequence[Hashable] | None = None,
+    lat_weighted: bool = False,
+) -> xr.DataArray:
+    """Ensemble spread over the RMSE of the ensemble mean; 1 for a calibrated ensemble.
+
+    ``sqrt((n + 1) / n * mean(var)) / rmse(ensemble mean)``, with ``var`` the
+    unbiased (ddof=1) variance across the ``n`` members at each point.  The
+    factor makes an ensemble whose members and truth are draws from the same
+    distribution score 1 for any ``n`` (Fortin et al. 2014): the mean of ``n``
+    draws misses the truth by ``(1 + 1/n)`` times the variance.  Below 1:
+    over-confident; above 1: under-confident.
+    """
+    n = _members(pred, truth, sample_dim, "spread_skill")
+    if n < 2:
+        raise ValueError(f"spread_skill needs at least 2 members along {sample_dim!r}, got {n}")
+    p, t = _valid(pred, truth)
+    w = _weights(t, lat_weighted)
+    # _valid left every member or none at a point: skipna=False keeps masked
+    # points NaN without the 0/0 warnings of a NaN-skipping variance
+    mean = p.mean(sample_dim, skipna=False)
+    var = ((p - mean) ** 2).sum(sample_dim, skipna=False) / (n - 1)
+    spread = ((n + 1) / n * _mean(var, dims, w)) ** 0.5
+    return spread / _mean((mean - t) ** 2, dims, w) ** 0.5
+
+
+# --------------------------------------------------------------------- evaluate
+
+
+def _evaluate_one(pred, truth, baseline, time_dim, sample_dim) -> dict[str, xr.DataArray]:
+    ensemble = sample_dim in pred.dims
+    if sample_dim in truth.dims:
+        raise ValueError(
+            f"the truth has the ensemble dimension {sample_dim!r}; only the prediction may"
+        )
+    # deterministic scores judge the ensemble mean; the distributional ones
+    # below take every member, whose extremes and small scales the mean lacks
+    det = pred.mean(sample_dim) if ensemble else pred
+    latw = _has_latitude(truth)
+    scores = {"rmse": rmse(det, truth)}
+    if latw:
+        scores["rmse_latw"] = rmse(det, truth, lat_weighted=True)
+    scores["mae"] = mae(det, truth)
+    if latw:
+        scores["mae_latw"] = mae(det, truth, lat_weighted=True)
+    scores |= {
+        "bias": bias(det, truth),
+        "r2": r2(det, truth),
+        "pearson": pearson(det, truth),
+        "ssim": ssim(det, truth),
+        "psnr": psnr(det, truth),
+    }
+    ydim, xdim = grid.spatial_dims(truth)
+    if min(truth.sizes[ydim], truth.sizes[xdim]) >= 8:
+        scores["ralsd"] = ralsd(pred, truth)
+
+    def add_means(name: str, per_pixel: xr.DataArray, t: xr.DataArray) -> None:
+        # one per-pixel map for both means: NumPy input would compute it twice
+        scores[name] = _mean(per_pixel, None, None)
+        if latw:
+            scores[f"{name}_latw"] = _mean(per_pixel, None, _weights(t, True))
+
+    if time_dim in truth.dims and truth.sizes[time_dim] > 1:
+        scores["anomaly_r2"] = anomaly_r2(det, truth, time_dim)
+        add_means("p99_bias", *_quantile_map(pred, truth, 0.99, time_dim))
+        add_means("p01_bias", *_quantile_map(pred, truth, 0.01, time_dim))
+        if truth.sizes[time_dim] > 2 and _is_dates(truth[time_dim]):
+            add_means("trend_bias", *_trend_map(pred, truth, time_dim))
+    if ensemble:
+        add_means("crps", *_crps_map(pred, truth, sample_dim))
+        if pred.sizes[sample_dim] > 1:
+            scores["spread_skill"] = spread_skill(pred, truth, sample_dim)
+    if baseline is not None:
+        if sample_dim in baseline.dims:
+            baseline = baseline.mean(sample_dim)
+        base = rmse(baseline, truth)
+        scores["rmse_baseline"] = base
+        scores["skill_rmse"] = 1 - scores["rmse"] / base
+    return scores
+
+
+_IN_UNITS = ("rmse", "mae", "bias", "rmse_baseline", "p99_bias", "p01_bias", "crps")
+
+
+def evaluate(
+    pred: Field | Mapping[str, Field],
+    truth: Field,
+    *,
+    baseline: Field | None = None,
+    time_dim: Hashable = "time",
+    sample_dim: Hashable = "sample",
+) -> xr.Dataset:
+    """Scores of ``pred`` against ``truth``, one row per variable (and per method).
+
+    Parameters
+    ----------
+    pred
+        A prediction with the truth's variables on the truth's grid (a DataArray
+        is one variable), or a dict ``{method_name: prediction}`` to compare
+        several methods at once.  A prediction with ``sample_dim`` is an ensemble.
+    truth
+        The reference; it may not have ``sample_dim``.
+    baseline
+        Optional reference forecast (e.g. bicubic): adds ``rmse_baseline`` and
+        ``skill_rmse = 1 - rmse / rmse_baseline`` (positive: better than it).
+    time_dim
+        For ``anomaly_r2``, the quantile and the trend scores.
+    sample_dim
+        The ensemble-member dimension.
+
+    Returns
+    -------
+    ``xr.Dataset`` with dimension ``variable`` (``(method, variable)`` for a
+    dict, the method coordinate in the dict's order) and data variables
+    ``rmse``, ``mae``, ``bias``, ``r2``, ``pearson``, ``ssim``, ``psnr``;
+    ``ralsd`` on maps of at least 8 x 8 pixels; with more than one time step ``anomaly_r2``, ``p99_bias``,
+    ``p01_bias``; with more than two dated steps ``trend_bias``; for an
+    ensemble ``crps`` and ``spread_skill``; ``_latw`` variants of rmse, mae,
+    the quantile, trend and crps scores on latitude grids; the baseline scores.
+    A score one method of a dict lacks (crps of a deterministic one) is NaN.
+    Lazy on Dask input: call ``.compute()``.
+
+    Raises
+    ------
+    KeyError
+        If a variable of ``pred`` is missing from ``truth`` (or ``baseline``).
+    ValueError
+        If the grids differ, or the truth has ``sample_dim``.
+    """
+    if isinstance(pred, Mapping) and not isinstance(pred, xr.Dataset):  # a Dataset is a Mapping
+        if not pred:
+            raise ValueError("evaluate got an empty dict of predictions; give {name: prediction}")
+        rows = [
+            evaluate(p, truth, baseline=baseline, time_dim=time_dim, sample_dim=sample_dim)
+            for p in pred.values()
+        ]
+        out = xr.concat(
+            rows, dim="method", data_vars="all", coords="minimal", compat="equals", join="outer"
+        )
+        return out.assign_coords(method=[str(m) for m in pred])
+
+    def as_ds(obj, name):
+        if obj is None or isinstance(obj, xr.Dataset):
+            return obj
+        return obj.to_dataset(name=obj.name if obj.name is not None else name)
+
+    # an unnamed prediction takes the truth's name, so methods line up by variable
+    default = truth.name if isinstance(truth, xr.DataArray) and truth.name is not None else "var"
+    pred_ds, truth_ds, base_ds = as_ds(pred, default), as_ds(truth, None), as_ds(baseline, None)
+    names = list(pred_ds.data_vars)
+    if isinstance(truth, xr.DataArray) and len(names) == 1:
+        truth_ds = truth.to_dataset(name=names[0])
+    if isinstance(baseline, xr.DataArray) and len(names) == 1:
+        base_ds = baseline.to_dataset(name=names[0])
+    rows = []
+    for name in names:
+        for label, ds in (("truth", truth_ds), ("baseline", base_ds)):
+            if ds is not None and name not in ds:
+                raise KeyError(
+                    f"variable {name!r} is not in the {label} (has {sorted(map(str, ds))})"
+                )
+        base = base_ds[name] if base_ds is not None else None
+        scores = _evaluate_one(pred_ds[name], truth_ds[name], base, time_dim, sample_dim)
+        # (dims, data): a score keeps neither the field's coords nor its attrs
+        # (an rmse is no air_temperature); units are set below
+        rows.append(xr.Dataset({k: (v.dims, v.data) for k, v in scores.items()}))
+    out = xr.concat(rows, dim="variable", data_vars="all", coords="minimal", join="outer")
+    out = out.assign_coords(variable=[str(n) for n in names])
+    units = {pred_ds[n].attrs.get("units") for n in names}
+    if len(units) == 1 and None not in units:
+        unit = units.pop()
+        for key in out.data_vars:
+            if str(key).removesuffix("_latw") in _IN_UNITS:
+                out[key].attrs["units"] = unit
+            elif str(key).startswith("trend_bias"):
+                out[key].attrs["units"] = f"{unit} / decade"
+    for key in ("psnr", "ralsd"):
+        if key in out:
+            out[key].attrs["units"] = "dB"
+    return out
