@@ -353,3 +353,45 @@ def test_validation_sums_over_time_shards_add_up_to_the_whole():
     assert scores["rmse_bicubic_tas"] == pytest.approx(10 * np.sqrt(whole[0, 1] / whole[0, 2]))
     # a rank whose shard is empty adds nothing
     assert not validation_sums(dsr, val.select(slice(5, None))).any()
+
+
+def test_validation_scores_what_downscale_and_interpolate_give():
+    """Validation runs the model as .orbit.downscale does, also on a periodic global grid,
+    and its bicubic reference is .orbit.interpolate's."""
+    from xorbit.downscaler import training_grid
+    from xorbit.training import validate
+
+    n = 16
+    fine = fine_field(nt=3, n=4 * n).isel(lat=slice(0, 2 * n))  # 32 x 64 fine
+    cells = 5.625 * (np.arange(4 * n) + 0.5)  # a global grid: 64 cells of 5.625 degrees
+    fine = fine.assign_coords(lat=cells[: 2 * n] - 90, lon=cells)
+    coarse = coarsen(fine, 4)
+    dsr = xorbit.Downscaler.from_config(
+        small_config(), seed=3, mean={"tas": 280.0}, std={"tas": 10.0}, units={"tas": "K"}
+    )
+    dsr.grid = training_grid(coarse.lat, coarse.lon)
+    data = pair_arrays(coarse, fine, ["tas"], ["tas"], 4, dsr.mean, dsr.std)
+    assert data.periodic
+    scores = validate(dsr, data, tile=(4, 4), halo=(2, 2))
+    pred = coarse.orbit.downscale(dsr, tile=4, halo=2, device="cpu")
+    bicubic = coarse.orbit.interpolate(4, "bicubic")
+    truth = fine.assign_coords(lat=pred.lat, lon=pred.lon)
+    want = float(np.sqrt(((pred - truth) ** 2).mean()))
+    want_bicubic = float(np.sqrt(((bicubic - truth) ** 2).mean()))
+    assert scores["rmse_tas"] == pytest.approx(want, rel=1e-5)
+    assert scores["rmse_bicubic_tas"] == pytest.approx(want_bicubic, rel=1e-5)
+    # and the tiling is periodic: without the wrap, the edge columns differ
+    flat = coarse.orbit.downscale(dsr, tile=4, halo=2, device="cpu", periodic=False)
+    assert float(np.sqrt(((flat - truth) ** 2).mean())) != pytest.approx(want, rel=1e-5)
+
+
+def test_train_records_the_training_grid():
+    fine = fine_field(nt=8).isel(lat=slice(None, None, -1))  # north to south, like ERA5
+    dsr = train(coarsen(fine, 4), fine, small_config(), epochs=1, batch_size=4, progress=False)
+    assert dsr.grid == {
+        "multi_resolution": False,
+        "y_ascending": False,
+        "dy": 2.0,
+        "x_ascending": True,
+        "dx": 2.0,
+    }

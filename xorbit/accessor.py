@@ -29,7 +29,7 @@ import xarray as xr
 from . import grid
 from ._version import __version__
 from .downscaler import Downscaler
-from .engine import downscale_array, tile_defaults
+from .engine import downscale_array
 from .units import to_model_units
 from .variables import as_dataset, gather
 
@@ -195,11 +195,6 @@ def downscale(
     out_ds = out_ds.assign_coords({n: _flip(fine_coords[n], flips) for n in (ydim, xdim)})
     out_ds.attrs["history"] = _history(ds.attrs.get("history"), downscaler, weights_sha256)
     return out_ds
-
-
-def _tile_defaults(dsr: Downscaler, tile, halo) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Deprecated alias of `xorbit.engine.tile_defaults` for a Downscaler."""
-    return tile_defaults(dsr.config.img_size, tile, halo)
 
 
 def _history(previous: str | None, dsr: Downscaler, weights_sha256: str) -> str:

@@ -33,14 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .._files import atomic_write
 from ..downscaler import Downscaler
-from ..engine import run_model
+from ..engine import downscale_array
 from ..model.config import ReslimConfig
 from ..model.loss import bayesian_tv_loss
-from ..tiles import TilePlan, apply_tiled
+from ..regrid import upsample_array
 from .samples import PairedArrays, PairedCrops
 
 __all__ = [
@@ -170,40 +169,47 @@ def validation_sums(
     """Per output variable: squared error of the model, of bicubic, valid pixels.
 
     A float64 array ``[V, 3]`` in normalized units (rows: ``config.out_vars``),
-    to be added over time shards before `rmse_scores`.  Whole fields are
-    predicted tile by tile, as ``.orbit.downscale`` would.
+    to be added over time shards before `rmse_scores`.  The model is run by
+    `xorbit.engine.downscale_array`, exactly as ``.orbit.downscale`` runs it
+    (tiles, halo blending, periodic longitude, NaN masks), and bicubic is
+    `xorbit.regrid.upsample_array`, as ``.orbit.interpolate`` computes it.
+    Pixels where the truth or either prediction is missing are left out of
+    both sums.
     """
-    from ..accessor import _tile_defaults
-
-    if not len(data):  # an empty shard (more DDP ranks than validation steps)
-        return np.zeros((len(dsr.config.out_vars), 3))
-
     cfg = dsr.config
-    tile, halo = _tile_defaults(dsr, tile, halo)
-    plan = TilePlan.build(data.coarse.shape[-2:], tile, halo, cfg.factor)
+    if not len(data):  # an empty shard (more DDP ranks than validation steps)
+        return np.zeros((len(cfg.out_vars), 3))
+    in_mean, in_std = dsr._stats(cfg.in_vars, 4, 1)
+    out_mean, out_std = dsr._stats(cfg.out_vars, 4, 1)
+    coarse = data.coarse * in_std + in_mean  # physical units, NaN kept
     model = dsr.model
     was_training = model.training
-    model.eval()
-    x = np.nan_to_num(data.coarse, nan=0.0)
-    pred = apply_tiled(
-        x,
-        plan,
-        lambda w: run_model(model, w, cfg.in_vars, batch_size=batch_size, device=device),
-    )
-    model.train(was_training)
+    model.eval()  # in eval mode on its device the engine uses it as it is, no copy
+    try:
+        pred = downscale_array(
+            coarse,
+            dsr,
+            tile=tile,
+            halo=halo,
+            periodic=data.periodic,
+            batch_size=batch_size,
+            device=device,
+            # the weights change every epoch: no need to hash them for a cache key
+            weights_sha256=f"validation-{id(model)}",
+        )
+    finally:
+        model.train(was_training)
     out_idx = [cfg.in_vars.index(v) for v in cfg.out_vars]
-    coarse_out = torch.from_numpy(np.nan_to_num(data.coarse[:, out_idx], nan=0.0))
-    bicubic = F.interpolate(
-        coarse_out, scale_factor=cfg.factor, mode="bicubic", align_corners=False
-    ).numpy()
-    return _error_sums(pred, bicubic, data.fine)
+    bicubic = upsample_array(coarse[:, out_idx], cfg.factor, "bicubic", data.periodic)
+    return _error_sums((pred - out_mean) / out_std, (bicubic - out_mean) / out_std, data.fine)
 
 
 def _error_sums(pred: np.ndarray, bicubic: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """``[V, 3]``: sums of squared error of ``pred`` and ``bicubic``, finite ``truth`` count."""
+    """``[V, 3]``: sums of squared error of ``pred`` and ``bicubic``, and the pixel count
+    where all three are finite."""
     out = np.zeros((truth.shape[1], 3))
     for i in range(truth.shape[1]):
-        ok = np.isfinite(truth[:, i])
+        ok = np.isfinite(truth[:, i]) & np.isfinite(pred[:, i]) & np.isfinite(bicubic[:, i])
         target = truth[:, i][ok].astype(np.float64)
         out[i, 0] = np.sum((pred[:, i][ok] - target) ** 2)
         out[i, 1] = np.sum((bicubic[:, i][ok] - target) ** 2)
