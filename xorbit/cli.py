@@ -29,6 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(f"wrote {result['netcdf']}")
     print(f"wrote {result['png']}")
+    print(f"wrote {result['report_png']}")
     return 0
 
 
