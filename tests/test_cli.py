@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from xorbit import coarsen
+from xorbit import baseline, coarsen
 from xorbit.cli import main
 from xorbit.datasets import hadcm3_air_temperature
 
@@ -144,7 +144,7 @@ def test_evaluate(files, capsys):
 def test_demo_command_and_a_bad_output_folder(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--quiet", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
-    assert "bicubic + climatology" in out and "wrote" in out
+    assert "climatology" in out and "ridge" in out and "wrote" in out
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--epochs", "1", "--quiet", "--out", str(tmp_path / "file")]) == 1
     one_line_error(capsys, "demo")
@@ -228,3 +228,46 @@ def test_evaluate_refuses_a_truth_on_another_grid(pred_truth, tmp_path, capsys):
     assert main(["evaluate", p, t]) == 1
     err = one_line_error(capsys, "evaluate")
     assert "'lon'" in err and "offset by up to 0.25" in err
+
+
+def test_evaluate_compares_with_statistical_baselines(tmp_path, capsys):
+    """One table: the prediction and every baseline named, scored on the held-out years."""
+    fine = hadcm3_air_temperature().isel(latitude=slice(0, 36), longitude=slice(0, 48))
+    coarse = coarsen(fine, 4)
+    train = fine.time.dt.year <= 2040
+    paths = {}
+    for name, obj in {
+        "ct": coarse.sel(time=train),
+        "ft": fine.sel(time=train),
+        "cs": coarse.sel(time=~train),
+        "truth": fine.sel(time=~train),
+    }.items():
+        paths[name] = str(tmp_path / f"{name}.nc")
+        obj.to_dataset().to_netcdf(paths[name])
+    pred = baseline(
+        coarse.sel(time=~train), "climatology", train=(coarse.sel(time=train), fine.sel(time=train))
+    )
+    paths["pred"] = str(tmp_path / "pred.nc")
+    pred.to_dataset().to_netcdf(paths["pred"])
+    cmd = ["evaluate", paths["pred"], paths["truth"], "--baseline", "bicubic", "--baseline"]
+    train_args = ["--train", paths["ct"], paths["ft"], "--coarse", paths["cs"]]
+    assert main([*cmd, "ridge", *train_args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["variable", "method", "rmse", "bias"] and "trend_bias" in header
+    rows = {
+        line.split()[1]: dict(zip(header[2:], map(float, line.split()[2:]), strict=True))
+        for line in lines[1:]
+    }
+    assert list(rows) == ["prediction", "bicubic", "ridge"]
+    assert rows["prediction"]["rmse"] == pytest.approx(0.2707, abs=5e-4)  # climatology
+    assert rows["bicubic"]["rmse"] == pytest.approx(0.940, abs=2e-3)
+    assert rows["ridge"]["rmse"] == pytest.approx(0.2244, abs=5e-4)
+    assert rows["ridge"]["anomaly_r2"] > rows["prediction"]["anomaly_r2"]
+    # without the coarse file, the truth is cell-averaged: the same coarse fields here
+    assert main([*cmd, "ridge", "--train", paths["ct"], paths["ft"], "--scores", "rmse"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["variable", "method", "rmse"]
+    assert float(lines[3].split()[2]) == pytest.approx(0.2244, abs=5e-4)
+    assert main([*cmd, "qdm"]) == 1
+    assert "['qdm'] are learnt from data: pass --train" in one_line_error(capsys, "evaluate")

@@ -105,8 +105,22 @@ def _downscale(args: argparse.Namespace) -> int:
     return 0
 
 
+# the columns of the table that compares methods (all scores: --scores all)
+COMPARE_SCORES = (
+    "rmse",
+    "bias",
+    "anomaly_r2",
+    "trend_bias",
+    "p99_bias",
+    "p01_bias",
+    "ralsd",
+    "crps",
+)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from . import grid
+    from . import baseline, coarsen, grid
+    from .baselines import METHODS, TRAINED, _infer_factor
     from .metrics import evaluate
 
     def on_pred_grid(other, label):
@@ -117,14 +131,52 @@ def _evaluate(args: argparse.Namespace) -> int:
     names = args.var or [v for v in pred.data_vars if {ydim, xdim} <= set(pred[v].dims)]
     pred = _select(pred, names)
     truth = on_pred_grid(_select(truth, names), "truth")
-    base = on_pred_grid(_select(_open(args.baseline), names), "baseline") if args.baseline else None
-    scores = evaluate(pred, truth, baseline=base).compute()
-    # a column at least one wider than its name: "rmse_baseline" would run into its neighbour
-    cols = {str(k): max(12, len(str(k)) + 1) for k in scores.data_vars}
-    print("variable".ljust(18) + "".join(f"{c:>{w}}" for c, w in cols.items()))
+    methods = [b for b in args.baseline or [] if b in METHODS]
+    files = [b for b in args.baseline or [] if b not in METHODS]
+    if len(files) > 1:
+        raise ValueError(f"--baseline takes one baseline file (got {files}) and any methods")
+    base = on_pred_grid(_select(_open(files[0]), names), "baseline") if files else None
+    if not methods:
+        scores = evaluate(pred, truth, baseline=base).compute()
+        # a column at least one wider than its name: "rmse_baseline" would run into its neighbour
+        cols = {str(k): max(12, len(str(k)) + 1) for k in scores.data_vars}
+        print("variable".ljust(18) + "".join(f"{c:>{w}}" for c, w in cols.items()))
+        for v in scores.variable.values:
+            row = scores.sel(variable=v)
+            print(str(v).ljust(18) + "".join(f"{float(row[c]):>{w}.4g}" for c, w in cols.items()))
+        return 0
+    trained = [m for m in methods if m in TRAINED]
+    if trained and not args.train:
+        raise ValueError(
+            f"baselines {trained} are learnt from data: pass --train COARSE FINE (the "
+            "training period at both resolutions)"
+        )
+    pair = None
+    factor = args.factor
+    if args.train:
+        pair = tuple(_select(_open(f), names) for f in args.train)
+        factor = _infer_factor(pair[0], pair[1], None)
+    # the coarse input of the scored period: given, or the truth cell-averaged
+    coarse = _select(_open(args.coarse), names) if args.coarse else coarsen(truth, factor)
+    predictions = {"prediction": pred}
+    for m in methods:
+        made = baseline(coarse, m, train=pair, factor=factor)
+        predictions[m] = on_pred_grid(made, f"{m} baseline")
+    scores = evaluate(predictions, truth, baseline=base).compute()
+    wanted = list(scores.data_vars) if args.scores == "all" else args.scores.split(",")
+    unknown = [c for c in wanted if c not in scores.data_vars and c not in COMPARE_SCORES]
+    if unknown:
+        raise ValueError(f"--scores: unknown scores {unknown}; known: {sorted(scores.data_vars)}")
+    cols = {c: max(11, len(c) + 1) for c in wanted if c in scores.data_vars}
+    print("variable".ljust(18) + "method".ljust(14) + "".join(f"{c:>{w}}" for c, w in cols.items()))
     for v in scores.variable.values:
-        row = scores.sel(variable=v)
-        print(str(v).ljust(18) + "".join(f"{float(row[c]):>{w}.4g}" for c, w in cols.items()))
+        for m in scores.method.values:
+            row = scores.sel({"variable": v, "method": m})
+            print(
+                str(v).ljust(18)
+                + str(m).ljust(14)
+                + "".join(f"{float(row[c]):>{w}.4g}" for c, w in cols.items())
+            )
     return 0
 
 
@@ -205,7 +257,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a prediction file against a truth file")
     p.add_argument("pred", help="predicted netCDF/zarr")
     p.add_argument("truth", help="truth netCDF/zarr on the same grid")
-    p.add_argument("--baseline", help="a baseline file for skill scores")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        help="a baseline method to compare with (nearest, bilinear, bicubic, conservative, "
+        "climatology, ridge, qdm; repeatable), or one baseline file for skill scores",
+    )
+    p.add_argument(
+        "--train",
+        nargs=2,
+        metavar=("COARSE", "FINE"),
+        help="training period at both resolutions, for the climatology, ridge and qdm baselines",
+    )
+    p.add_argument(
+        "--coarse",
+        help="coarse input of the scored period (default: the truth cell-averaged by the factor)",
+    )
+    p.add_argument(
+        "--factor", type=int, default=4, help="refinement factor without --train (default 4)"
+    )
+    p.add_argument(
+        "--scores",
+        default=",".join(COMPARE_SCORES),
+        help="comma-separated scores of the method table, or 'all'",
+    )
     p.add_argument("--var", action="append", help="variable to score (repeatable)")
     p.set_defaults(func=_evaluate)
 
