@@ -167,7 +167,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     unknown = [c for c in wanted if c not in scores.data_vars and c not in COMPARE_SCORES]
     if unknown:
         raise ValueError(f"--scores: unknown scores {unknown}; known: {sorted(scores.data_vars)}")
-    cols = {c: max(11, len(c) + 1) for c in wanted if c in scores.data_vars}
+    cols = {c: max(12, len(c) + 2) for c in wanted if c in scores.data_vars}
     print("variable".ljust(18) + "method".ljust(14) + "".join(f"{c:>{w}}" for c, w in cols.items()))
     for v in scores.variable.values:
         for m in scores.method.values:
