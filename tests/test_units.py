@@ -47,3 +47,20 @@ def test_precipitation_flux_and_depth_rates():
     np.testing.assert_allclose(back.values, 1.0 / 86400)
     with pytest.raises(UnitsError, match="'tas' is in 'K', which cannot be converted"):
         convert(coarse_field(np.ones((1, 2, 2))), "mm/day")
+
+
+def test_conversion_survives_xsdba_changing_the_shared_registry(kelvin):
+    """xsdba (the qdm baseline) switches pint's application registry to
+    force_ndarray_like=False on import; pint-xarray then refused every conversion."""
+    import pint
+
+    registry = pint.get_application_registry()
+    before = registry.force_ndarray_like
+    registry.force_ndarray_like = False  # what `import xsdba` does
+    try:
+        celsius = (kelvin - 273.15).assign_attrs(units="degC").chunk(lat=4)
+        back = convert(celsius, "K")
+        assert back.attrs["units"] == "K" and back.dtype == np.float32
+        np.testing.assert_allclose(back.values, kelvin.values, rtol=0, atol=1e-4)
+    finally:
+        registry.force_ndarray_like = before

@@ -1,4 +1,4 @@
-"""Units: bring inputs into the model's units with pint-xarray (cf_xarray's registry).
+"""Units: bring inputs into the model's units with pint (cf_xarray's registry).
 
 A `Downscaler` records the units of each variable it was trained on.  Inputs in
 other compatible units (°C for K, ``kg m-2 s-1`` for ``mm/day``) are converted
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import cf_xarray.units  # noqa: F401  (makes pint understand CF unit strings)
+import numpy as np
 import pint
-import pint_xarray  # noqa: F401  (registers the .pint accessor)
 import xarray as xr
 from cf_xarray.units import units as ureg
 
@@ -63,14 +63,20 @@ def convert(da: xr.DataArray, target: str, name: str | None = None) -> xr.DataAr
     if src == dst:
         return da.assign_attrs(units=target)
     try:
+        # every unit change we meet is affine (scale, and an offset for °C / °F):
+        # pint converts two scalars and the data get y = a x + b, lazily.  Not
+        # pint-xarray's quantify: xsdba switches the shared registry's
+        # force_ndarray_like off on import, and pint-xarray then refuses it.
         with ureg.context(_WATER):
-            factor_check = ureg.Quantity(1.0, src).to(dst)  # raises if incompatible
-            del factor_check
-            out = da.pint.quantify(unit_registry=ureg).pint.to(dst).pint.dequantify()
+            zero = float(ureg.Quantity(0.0, src).to(dst).magnitude)
+            one = float(ureg.Quantity(1.0, src).to(dst).magnitude)
     except pint.errors.DimensionalityError as err:
         raise UnitsError(
             f"variable {name!r} is in {have!r}, which cannot be converted to the model's {target!r}"
         ) from err
+    dtype = da.dtype if da.dtype.kind == "f" else np.float64
+    scale, offset = np.asarray(one - zero, dtype), np.asarray(zero, dtype)
+    out = da * scale + offset if offset else da * scale
     return out.assign_attrs({**da.attrs, "units": target})
 
 
