@@ -210,3 +210,18 @@ def test_import_published_orbit2_checkpoint(tmp_path):
             out_vars=["tas"],
             static_vars=["orog"],
         )
+
+
+def test_written_files_are_readable_by_others(model, tmp_path):
+    """mkstemp made every checkpoint and netCDF file private (0600)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "m.xorbit", model)
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)  # an existing file keeps its mode when rewritten
+        save_checkpoint(path, model)
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
