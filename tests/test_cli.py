@@ -5,6 +5,7 @@ import pytest
 import xarray as xr
 import yaml
 
+import xorbit
 from xorbit import baseline, coarsen
 from xorbit.cli import main
 from xorbit.datasets import hadcm3_air_temperature
@@ -67,6 +68,12 @@ def test_info(files, capsys):
     assert "Reslim x4" in out and "air_temperature [K]" in out and "sha256" in out
     # the training grid travels with the model (HadCM3: 1.25 x 1.875 degrees, x4 coarser)
     assert "coarse spacing 5.0 x 7.5, latitude ascending, longitude ascending" in out
+    # which epoch's weights the file holds, and that epoch's validation scores
+    dsr = xorbit.load(files / "model.xorbit")
+    best = dsr.history[-1]["best_epoch"]
+    rec = dsr.history[best - 1]
+    assert f"best epoch {best} of 2 (the weights saved): rmse_air_temperature " in out
+    assert f"{rec['rmse_air_temperature']:.4g}" in out.split("best epoch")[1]
     (files / "junk.xorbit").write_bytes(b"not a model")
     assert main(["info", str(files / "junk.xorbit")]) == 1
     assert "not a readable xorbit checkpoint" in one_line_error(capsys, "info")

@@ -126,3 +126,15 @@ def test_the_single_purpose_plots_still_draw(fields):
     assert [line.get_label() for line in figs[1].axes[0].lines] == ["truth", "bicubic"]
     for f in figs:
         plt.close(f)
+
+
+def test_training_curves_mark_the_kept_epoch():
+    history = [
+        {"epoch": e, "loss": 1.0 / e, "rmse_tas": r, "rmse_bicubic_tas": 1.0, "best_epoch": b}
+        for e, r, b in ((1, 0.9, 1), (2, 0.5, 2), (3, 0.7, 2))
+    ]
+    fig = training_curves(history)
+    marks = [ln for ln in fig.axes[1].lines if ln.get_label().startswith("best epoch")]
+    assert len(marks) == 1 and marks[0].get_label() == "best epoch (2)"
+    assert list(marks[0].get_xdata()) == [2, 2]
+    plt.close(fig)

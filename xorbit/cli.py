@@ -214,6 +214,11 @@ def _info(args: argparse.Namespace) -> int:
     if dsr.history:
         last = dsr.history[-1]
         print("  trained    " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+        best = int(last.get("best_epoch", 0))
+        if best:  # the weights in the file are this epoch's (keep_best)
+            rec = next(h for h in dsr.history if int(h["epoch"]) == best)
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k.startswith("rmse"))
+            print(f"  best epoch {best} of {int(last['epoch'])} (the weights saved): {scores}")
     return 0
 
 

@@ -100,7 +100,10 @@ def spectra(spec: xr.Dataset, title: str | None = None):
 
 
 def training_curves(history: list[dict[str, float]], title: str | None = None):
-    """Training loss and validation RMSE (model vs bicubic) per epoch."""
+    """Training loss and validation RMSE (model vs bicubic) per epoch.
+
+    A dotted line marks the best validation epoch, whose weights training kept.
+    """
     plt = _pyplot()
     if not history:
         raise ValueError("training_curves: the history is empty (was the model trained?)")
@@ -111,6 +114,9 @@ def training_curves(history: list[dict[str, float]], title: str | None = None):
     a1.set_ylabel("training loss")
     for key in sorted({k for h in history for k in h if k.startswith("rmse_")}):
         a2.plot(epochs, [h.get(key, np.nan) for h in history], label=key[5:])
+    best = int(history[-1].get("best_epoch", 0))
+    if best:  # the epoch whose weights training kept
+        a2.axvline(best, color="0.5", linestyle=":", label=f"best epoch ({best})")
     a2.set_xlabel("epoch")
     a2.set_ylabel("validation RMSE")
     a2.legend()
