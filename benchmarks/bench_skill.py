@@ -10,9 +10,14 @@ What it measures
     ridge and qdm (deterministic: one row each).  Rows give the mean and the
     standard deviation over seeds of RMSE, anomaly R², trend bias and p99 bias.
 
+    ``--ablation`` instead trains the cumulative recipes of `ABLATION` (each
+    adds to the one before) for every preset and seed: the table of
+    docs/benchmarks.md section 7.
+
 How to run
     .venv/bin/python benchmarks/bench_skill.py                       # tiny, 3 seeds, 40 epochs
     .venv/bin/python benchmarks/bench_skill.py --presets tiny 9.5m --seeds 0 1 2 --epochs 40
+    .venv/bin/python benchmarks/bench_skill.py --ablation            # ~5 min on 2 cores
 """
 
 from __future__ import annotations
@@ -38,6 +43,32 @@ VAR = "air_temperature"
 SPLIT = 2040
 BASELINES = ("bicubic", "climatology", "ridge", "qdm")
 SCORES = ("rmse", "anomaly_r2", "trend_bias", "p99_bias")
+COORDS = ["coord_latitude", "coord_sinlon", "coord_coslon"]
+WHOLE = dict(tile=(9, 12), halo=(0, 0))  # one window covers the 9 x 12 domain
+
+# Cumulative recipes: (name, ReslimConfig overrides, xorbit.train overrides);
+# each row adds to the one above it.  ``tile`` / ``halo`` also go to downscale.
+ABLATION = [
+    ("A defaults", {}, {}),
+    ("B +interp_skip", dict(interp_skip="bicubic"), {}),
+    ("C +no dropout", dict(drop_rate=0.0, drop_path=0.0), {}),
+    ("D +whole window", dict(img_size=(9, 12)), WHOLE),
+    ("E +learnt pos", dict(learn_pos_embed=True), {}),
+    ("F +coords", dict(in_vars=[VAR, *COORDS], static_vars=COORDS), {}),
+    ("G +lr/tv/batch", {}, dict(lr=3e-3, tv_lambda=1e-3, batch_size=8)),
+]
+
+
+def recipes(ablation: bool):
+    """(name, config overrides, train overrides) to run; cumulative for the ablation."""
+    if not ablation:
+        yield "defaults", {}, {}
+        return
+    cfg: dict = {}
+    train: dict = {}
+    for name, c, t in ABLATION:
+        cfg, train = {**cfg, **c}, {**train, **t}
+        yield name, dict(cfg), dict(train)
 
 
 def split():
@@ -56,6 +87,7 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["tiny"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--ablation", action="store_true", help="the cumulative recipes of ABLATION")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     pair, test_coarse, truth = split()
@@ -67,13 +99,19 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}
     for preset in args.presets:
-        for seed in args.seeds:
-            cfg = xorbit.ReslimConfig.preset(preset, factor=4, in_vars=[VAR], out_vars=[VAR])
-            t0 = time.perf_counter()
-            dsr = xorbit.train(*pair, cfg, epochs=args.epochs, seed=seed, progress=False)
-            seconds.setdefault(preset, []).append(time.perf_counter() - t0)
-            pred = test_coarse.orbit.downscale(dsr)
-            predictions[f"{preset} (seed {seed})"] = pred
+        for name, cfg_kw, train_kw in recipes(args.ablation):
+            label = preset if not args.ablation else f"{preset} {name}"
+            for seed in args.seeds:
+                cfg = xorbit.ReslimConfig.preset(
+                    preset, factor=4, **{"in_vars": [VAR], "out_vars": [VAR], **cfg_kw}
+                )
+                t0 = time.perf_counter()
+                dsr = xorbit.train(
+                    *pair, cfg, epochs=args.epochs, seed=seed, progress=False, **train_kw
+                )
+                seconds.setdefault(label, []).append(time.perf_counter() - t0)
+                tiles = {k: train_kw[k] for k in ("tile", "halo") if k in train_kw}
+                predictions[f"{label} (seed {seed})"] = test_coarse.orbit.downscale(dsr, **tiles)
     scores = xorbit.evaluate(predictions, truth).sel(variable=VAR).compute()
     for m in scores.method.values:
         label = str(m).split(" (seed")[0]
@@ -84,7 +122,8 @@ def main() -> None:
         f"epochs {args.epochs}, seeds {args.seeds}; {os.cpu_count()} cores, torch "
         f"{torch.__version__}, xorbit {xorbit.__version__}"
     )
-    header = f"{'method':<14}" + "".join(f"{k:>22}" for k in SCORES) + f"{'train s':>10}"
+    width = max(14, *(len(str(m).split(" (seed")[0]) + 2 for m in scores.method.values))
+    header = f"{'method':<{width}}" + "".join(f"{k:>22}" for k in SCORES) + f"{'train s':>10}"
     print(header)
     print("-" * len(header))
     for label, runs in rows.items():
@@ -93,7 +132,7 @@ def main() -> None:
             v = np.array([r[k] for r in runs])
             cells.append(f"{v.mean():.4f} ± {v.std():.4f}" if len(v) > 1 else f"{v[0]:.4f}")
         t = f"{np.mean(seconds[label]):.0f}" if label in seconds else "-"
-        print(f"{label:<14}" + "".join(f"{c:>22}" for c in cells) + f"{t:>10}")
+        print(f"{label:<{width}}" + "".join(f"{c:>22}" for c in cells) + f"{t:>10}")
 
 
 if __name__ == "__main__":
