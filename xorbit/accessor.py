@@ -48,7 +48,7 @@ _WARNED: set[str] = set()
 
 # --------------------------------------------------------------------------- grid facts
 def _orient(
-    inputs: dict[str, xr.DataArray], dsr: Downscaler, ydim: str, xdim: str
+    inputs: dict[str, xr.DataArray], dsr: Downscaler, ydim: str, xdim: str, weights_sha256: str
 ) -> dict[str, bool]:
     """Which spatial dims to flip so the inputs run as the training grid did.
 
@@ -59,9 +59,8 @@ def _orient(
     facts = dsr.grid
     ref = next(iter(inputs.values()))
     if not facts:
-        key = dsr.weights_sha256
-        if key not in _WARNED:  # once per model: the answer does not change
-            _WARNED.add(key)
+        if weights_sha256 not in _WARNED:  # once per model: the answer does not change
+            _WARNED.add(weights_sha256)
             warnings.warn(
                 "this model records no training grid (saved by xorbit < 0.2, or built "
                 "without one): inputs are used in the order given, without checking the "
@@ -132,7 +131,8 @@ def downscale(
                 f"({ydim!r}, {xdim!r})"
             )
     inputs = to_model_units(inputs, downscaler.units, units)
-    flips = _orient(inputs, downscaler, ydim, xdim)
+    weights_sha256 = downscaler.weights_sha256  # hashed once per call
+    flips = _orient(inputs, downscaler, ydim, xdim, weights_sha256)
     inputs = {n: _flip(v, flips) for n, v in inputs.items()}
 
     # lead dims: the union of the non-spatial dims of the inputs, in order
@@ -151,7 +151,6 @@ def downscale(
         stacked = np.stack([np.asarray(a.values, np.float32) for a in arrays], axis=-3)
     if periodic is None:
         periodic = grid.is_global_longitude(arrays[0][xdim], ds)
-    weights_sha256 = downscaler.weights_sha256  # hashed once per call
     out = downscale_array(
         stacked,
         downscaler,

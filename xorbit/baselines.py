@@ -98,22 +98,21 @@ def baseline(
         factor = _infer_factor(train[0], train[1], factor)
     if factor is None:
         raise ValueError(f"baseline {method!r}: pass factor= (or train=, to infer it)")
+    options = dict(
+        factor=factor, periodic=periodic, time_dim=time_dim, window=window, nquantiles=nquantiles
+    )
     if isinstance(coarse, xr.Dataset):
         ydim, xdim = grid.spatial_dims(coarse)
-        out = {}
-        for name, var in coarse.data_vars.items():
-            if ydim in var.dims and xdim in var.dims:
-                pair = None if train is None else tuple(_variable(t, name) for t in train)
-                out[name] = baseline(
-                    var,
-                    method,
-                    train=pair,
-                    factor=factor,
-                    periodic=periodic,
-                    time_dim=time_dim,
-                    window=window,
-                    nquantiles=nquantiles,
-                )
+        out = {
+            name: baseline(
+                var,
+                method,
+                train=None if train is None else tuple(_variable(t, name) for t in train),
+                **options,
+            )
+            for name, var in coarse.data_vars.items()
+            if ydim in var.dims and xdim in var.dims
+        }
         fine = xr.Dataset(out, attrs=dict(coarse.attrs))
         return fine.assign_coords(grid.fine_grid(coarse, factor, ydim, xdim))
     if periodic is None:
@@ -132,7 +131,9 @@ def baseline(
         return (fine + correction).assign_attrs(fine.attrs).rename(coarse.name)
     if method == "qdm":
         return _qdm(fine, bicubic_train, truth, time_dim, nquantiles)
-    return _ridge(coarse, fine, coarse_train, bicubic_train, truth, factor, time_dim, window)
+    return _ridge(
+        coarse, fine, coarse_train, bicubic_train, truth, factor, time_dim, window, periodic
+    )
 
 
 def _variable(obj: xr.DataArray | xr.Dataset, name: Hashable) -> xr.DataArray:
@@ -337,13 +338,12 @@ def fit_ridge(
     )
 
 
-def _ridge(coarse, fine, coarse_train, bicubic_train, truth, factor, time_dim, window):
+def _ridge(coarse, fine, coarse_train, bicubic_train, truth, factor, time_dim, window, periodic):
     ydim, xdim = grid.spatial_dims(coarse)
-    periodic = grid.is_global_longitude(coarse[xdim], coarse)
     order = [time_dim, ydim, xdim]
     ct = coarse_train.transpose(*order).values
     residual = (truth - bicubic_train).transpose(*order).values
-    fit = fit_ridge(ct, residual, factor, window=window, periodic=periodic)
+    fit = fit_ridge(ct, residual, factor, window=window, periodic=bool(periodic))
     dims = [d for d in coarse.dims if d not in (ydim, xdim)] + [ydim, xdim]
     src = coarse.transpose(*dims)
     ny, nx = src.shape[-2:]

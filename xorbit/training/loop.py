@@ -406,8 +406,7 @@ def fit(
         if validating:
             sums = validation_sums(dsr, val, tile=opts.tile, halo=opts.halo, device=opts.device)
             scores = rmse_scores(dsr, _sum_over_ranks(sums, world_size, device))
-            record.update(scores)
-            model.train()
+            record.update(scores)  # validation_sums put the model back in training mode
             # one number over all variables: RMSE relative to bicubic, averaged
             score = float(
                 np.mean([scores[f"rmse_{v}"] / scores[f"rmse_bicubic_{v}"] for v in cfg.out_vars])
