@@ -10,14 +10,15 @@ What it measures
     ridge and qdm (deterministic: one row each).  Rows give the mean and the
     standard deviation over seeds of RMSE, anomaly R², trend bias and p99 bias.
 
-    ``--ablation`` instead trains the cumulative recipes of `ABLATION` (each
-    adds to the one before) for every preset and seed: the table of
-    docs/benchmarks.md section 7.
+    ``--ablation`` instead trains the cumulative recipes of `ABLATION`, from
+    the recipe of xorbit 0.1 (row A) to today's defaults (last row), each row
+    adding one choice, for every preset and seed: the table of
+    docs/training.md.
 
 How to run
     .venv/bin/python benchmarks/bench_skill.py                       # tiny, 3 seeds, 40 epochs
     .venv/bin/python benchmarks/bench_skill.py --presets tiny 9.5m --seeds 0 1 2 --epochs 40
-    .venv/bin/python benchmarks/bench_skill.py --ablation            # ~5 min on 2 cores
+    .venv/bin/python benchmarks/bench_skill.py --ablation            # ~15 min on 2 cores
 """
 
 from __future__ import annotations
@@ -43,19 +44,36 @@ VAR = "air_temperature"
 SPLIT = 2040
 BASELINES = ("bicubic", "climatology", "ridge", "qdm")
 SCORES = ("rmse", "anomaly_r2", "trend_bias", "p99_bias")
-COORDS = ["coord_latitude", "coord_sinlon", "coord_coslon"]
-WHOLE = dict(tile=(9, 12), halo=(0, 0))  # one window covers the 9 x 12 domain
+OLD_TILES = dict(tile=(24, 48), halo=(4, 8))  # the 0.1 default windows of img_size 32 x 64
 
-# Cumulative recipes: (name, ReslimConfig overrides, xorbit.train overrides);
-# each row adds to the one above it.  ``tile`` / ``halo`` also go to downscale.
+# The recipe of xorbit 0.1 as overrides of today's defaults: (config, train).
+OLD = (
+    dict(interp_skip="none", drop_rate=0.1, drop_path=0.1, learn_pos_embed=False),
+    dict(
+        climatology=False,
+        augment="none",
+        crops_per_time=1,
+        lr=2e-3,
+        batch_size=16,
+        tv_lambda=0.02,
+        val_fraction=0.2,
+        **OLD_TILES,
+    ),
+)
+
+# Cumulative ablation: each row drops more of the old overrides (so it adds one
+# choice of today's default recipe to the row above); the last row is the default.
 ABLATION = [
-    ("A defaults", {}, {}),
-    ("B +interp_skip", dict(interp_skip="bicubic"), {}),
-    ("C +no dropout", dict(drop_rate=0.0, drop_path=0.0), {}),
-    ("D +whole window", dict(img_size=(9, 12)), WHOLE),
-    ("E +learnt pos", dict(learn_pos_embed=True), {}),
-    ("F +coords", dict(in_vars=[VAR, *COORDS], static_vars=COORDS), {}),
-    ("G +lr/tv/batch", {}, dict(lr=3e-3, tv_lambda=1e-3, batch_size=8)),
+    ("A 0.1 defaults", ()),
+    ("B +bicubic skip, zero-init", ("interp_skip",)),
+    ("C +one window (small domain)", ("tile", "halo")),
+    ("D +anomalies (climatology)", ("climatology",)),
+    ("E +amplitude augmentation x4", ("augment", "crops_per_time")),
+    (
+        "F +learnt positions, no dropout, lr/batch/TV",
+        ("learn_pos_embed", "drop_rate", "drop_path", "lr", "batch_size", "tv_lambda"),
+    ),
+    ("G +train on all years", ("val_fraction",)),
 ]
 
 
@@ -64,11 +82,12 @@ def recipes(ablation: bool):
     if not ablation:
         yield "defaults", {}, {}
         return
-    cfg: dict = {}
-    train: dict = {}
-    for name, c, t in ABLATION:
-        cfg, train = {**cfg, **c}, {**train, **t}
-        yield name, dict(cfg), dict(train)
+    dropped: set[str] = set()
+    for name, keys in ABLATION:
+        dropped |= set(keys)
+        cfg = {k: v for k, v in OLD[0].items() if k not in dropped}
+        train = {k: v for k, v in OLD[1].items() if k not in dropped}
+        yield name, cfg, train
 
 
 def split():

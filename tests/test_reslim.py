@@ -142,7 +142,7 @@ def test_position_embedding_table_and_resize():
     model = make_model(img_size=(8, 12))
     assert model.pos_embed.shape == (1, 4 * 6, 32)
     np.testing.assert_allclose(
-        model.pos_embed[0].numpy(), sincos_pos_embed_2d(32, 4, 6), rtol=0, atol=0
+        model.pos_embed[0].detach().numpy(), sincos_pos_embed_2d(32, 4, 6), rtol=0, atol=0
     )
     assert model.position_embedding((4, 6)) is model.pos_embed
     resized = model.position_embedding((8, 3))

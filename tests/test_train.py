@@ -122,7 +122,10 @@ def test_training_is_deterministic_and_learns():
     assert [h["epoch"] for h in a.history] == [1, 2, 3]
     assert a.history[-1]["loss"] < a.history[0]["loss"]
     assert set(a.history[-1]) >= {"rmse_tas", "rmse_bicubic_tas", "lr", "loss"}
-    assert a.mean["tas"] == pytest.approx(float(coarse.isel(time=slice(0, 12)).mean()))
+    # anomalies from the per-pixel climatology of all 16 steps, stats from the 12 training ones
+    anomaly = coarse - coarse.mean("time")
+    assert a.mean["tas"] == 0.0
+    assert a.std["tas"] == pytest.approx(float(anomaly.isel(time=slice(0, 12)).std()), rel=1e-4)
     assert a.units == {"tas": "K"} and a.attrs["tas"]["standard_name"] == "air_temperature"
 
 
@@ -327,7 +330,17 @@ def test_the_best_validation_epoch_is_kept():
     best = int(np.argmin(scores)) + 1
     assert dsr.history[-1]["best_epoch"] == best
     # the returned model validates exactly as that epoch did
-    data = pair_arrays(coarse, fine, ["tas"], ["tas"], 4, dsr.mean, dsr.std)
+    data = pair_arrays(
+        coarse,
+        fine,
+        ["tas"],
+        ["tas"],
+        4,
+        dsr.mean,
+        dsr.std,
+        input_climatology=dsr.input_climatology,
+        output_climatology=dsr.output_climatology,
+    )
     again = validate(dsr, data.select(np.arange(12, 16)))
     assert again["rmse_tas"] == pytest.approx(dsr.history[best - 1]["rmse_tas"], rel=1e-6)
     last = train(coarse, fine, small_config(), lr=2e-2, keep_best=False, **kw)

@@ -30,8 +30,9 @@ from . import grid
 from ._version import __version__
 from .downscaler import Downscaler
 from .engine import downscale_array
+from .fields import on_grid, pack
 from .units import to_model_units
-from .variables import as_dataset, gather
+from .variables import as_dataset, find_variable, gather
 
 __all__ = ["OrbitDataArrayAccessor", "OrbitDatasetAccessor", "downscale"]
 
@@ -48,7 +49,7 @@ _WARNED: set[str] = set()
 
 # --------------------------------------------------------------------------- grid facts
 def _orient(
-    inputs: dict[str, xr.DataArray], dsr: Downscaler, ydim: str, xdim: str, weights_sha256: str
+    ref: xr.Dataset, dsr: Downscaler, ydim: str, xdim: str, weights_sha256: str
 ) -> dict[str, bool]:
     """Which spatial dims to flip so the inputs run as the training grid did.
 
@@ -57,7 +58,6 @@ def _orient(
     warning says so.
     """
     facts = dsr.grid
-    ref = next(iter(inputs.values()))
     if not facts:
         if weights_sha256 not in _WARNED:  # once per model: the answer does not change
             _WARNED.add(weights_sha256)
@@ -123,7 +123,12 @@ def downscale(
     dynamic = [v for v in cfg.in_vars if v not in cfg.static_vars]
     ds = as_dataset(obj, cfg.in_vars, candidates=dynamic)
     ydim, xdim = grid.spatial_dims(ds)
-    inputs = gather([ds, static], cfg.in_vars, ydim=ydim, xdim=xdim, where="the data or static=")
+    weights_sha256 = downscaler.weights_sha256  # hashed once per call
+    flips = _orient(ds, downscaler, ydim, xdim, weights_sha256)
+    stored = _stored_static(downscaler, ds, static, flips)
+    inputs = gather(
+        [ds, static, stored], cfg.in_vars, ydim=ydim, xdim=xdim, where="the data or static="
+    )
     for name, var in inputs.items():
         if ydim not in var.dims or xdim not in var.dims:
             raise ValueError(
@@ -131,9 +136,12 @@ def downscale(
                 f"({ydim!r}, {xdim!r})"
             )
     inputs = to_model_units(inputs, downscaler.units, units)
-    weights_sha256 = downscaler.weights_sha256  # hashed once per call
-    flips = _orient(inputs, downscaler, ydim, xdim, weights_sha256)
     inputs = {n: _flip(v, flips) for n, v in inputs.items()}
+    for name, clim in downscaler.input_climatology.items():
+        # the model works on anomalies from its training climatology
+        inputs[name] = _keep(
+            inputs[name] - on_grid(clim, inputs[name], f"{name!r} climatology"), inputs[name]
+        )
 
     # lead dims: the union of the non-spatial dims of the inputs, in order
     lead: list[Hashable] = []
@@ -184,6 +192,9 @@ def downscale(
             attrs=attrs,
             name=src.name if as_array else name,
         )
+        if name in downscaler.output_climatology:
+            clim = on_grid(downscaler.output_climatology[name], result, f"{name!r} climatology")
+            result = _keep(result + clim, result)
         results[name] = _flip(result, flips)
     if as_array:
         return next(iter(results.values()))
@@ -194,6 +205,43 @@ def downscale(
     out_ds = out_ds.assign_coords({n: _flip(fine_coords[n], flips) for n in (ydim, xdim)})
     out_ds.attrs["history"] = _history(ds.attrs.get("history"), downscaler, weights_sha256)
     return out_ds
+
+
+def _keep(new: xr.DataArray, old: xr.DataArray) -> xr.DataArray:
+    """``new`` with ``old``'s name, attributes and dimension order (arithmetic drops them)."""
+    return new.transpose(*old.dims).rename(old.name).assign_attrs(old.attrs)
+
+
+def _stored_static(
+    dsr: Downscaler, ds: xr.Dataset, static: xr.Dataset | None, flips: Mapping[str, bool]
+) -> xr.Dataset | None:
+    """The model's static fields as input channels on ``ds``'s coarse grid.
+
+    Each field stored in the `Downscaler` (or given under the same name in
+    ``static``, which wins) is matched to ``ds``'s domain by coordinate value;
+    a fine field is packed into ``factor²`` coarse channels, block rows and
+    columns in the training orientation (``flips``), coarse cells in ``ds``'s
+    order like every other input.
+    """
+    if not dsr.static:
+        return None
+    ydim, xdim = grid.spatial_dims(ds)
+    ds = _flip(ds, flips)
+    channels: dict[str, xr.DataArray] = {}
+    fine_ref = None
+    for name, field in dsr.static.items():
+        given = find_variable(static, name) if static is not None else None
+        if given is not None:
+            field = given
+        what = f"static field {name!r}"
+        if dsr.static_packing[name] == "coarse":
+            channels[name] = on_grid(field, ds, what)
+            continue
+        if fine_ref is None:
+            refined = grid.fine_grid(ds, dsr.factor, ydim, xdim)
+            fine_ref = xr.Dataset(coords={d: refined[d].variable for d in (ydim, xdim)})
+        channels.update(pack(on_grid(field, fine_ref, what), dsr.factor, name, ds))
+    return _flip(xr.Dataset(channels), flips)
 
 
 def _history(previous: str | None, dsr: Downscaler, weights_sha256: str) -> str:
@@ -231,7 +279,9 @@ class _OrbitBase:
             A trained `xorbit.Downscaler` (``xorbit.load(path)``).
         tile
             Core size of a tile in coarse pixels, an int or ``(ny, nx)``.
-            Default: the model's training size minus the halos.
+            Default: the model's training size minus the halos; a domain
+            that fits in one training window (and does not wrap around) is
+            one tile without halo, as `xorbit.train` cropped it.
         halo
             Context read around each tile core, in coarse pixels; overlapping
             predictions are blended over ``2 * halo``.  Default: an eighth of

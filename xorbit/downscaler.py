@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import xarray as xr
 
+from .fields import decode, encode
 from .model.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from .model.config import ReslimConfig
 from .model.reslim import Reslim
@@ -51,6 +53,18 @@ class Downscaler:
         flips inputs to the training orientation and back, and warns on a
         spacing far from the training one.  Empty for models saved before
         xorbit 0.2 (then inputs are used as they come).
+    input_climatology, output_climatology
+        Per-pixel training means (`xorbit.fields`) by variable name: the model
+        works on anomalies from them.  Downscaling subtracts the first from
+        each input (on the coarse grid) and adds the second to each output (on
+        the fine grid), both matched by coordinate value; data outside their
+        domain is refused.  Empty: the model sees the fields as they are.
+    static
+        Static fields stored with the model (orography, land-sea mask, ...),
+        by name, on the coarse or the fine grid; ``static_packing`` says which
+        (``"coarse"`` or ``"fine"``).  A fine field enters the model as
+        ``factor²`` coarse channels ``name[i,j]`` (`xorbit.fields.pack`).
+        ``static=`` at downscale replaces them.
     """
 
     model: Reslim
@@ -61,6 +75,10 @@ class Downscaler:
     nonnegative: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     grid: dict[str, Any] = field(default_factory=dict)
+    input_climatology: dict[str, xr.DataArray] = field(default_factory=dict)
+    output_climatology: dict[str, xr.DataArray] = field(default_factory=dict)
+    static: dict[str, xr.DataArray] = field(default_factory=dict)
+    static_packing: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for v in self.config.in_vars:
@@ -73,6 +91,19 @@ class Downscaler:
         unknown = sorted(set(self.nonnegative) - set(self.config.out_vars))
         if unknown:
             raise ValueError(f"Downscaler: nonnegative names non-output variables {unknown}")
+        for role, clim, allowed in (
+            ("input_climatology", self.input_climatology, self.config.in_vars),
+            ("output_climatology", self.output_climatology, self.config.out_vars),
+        ):
+            stray = sorted(set(clim) - set(allowed))
+            if stray:
+                raise ValueError(f"Downscaler: {role} names variables {stray} the model lacks")
+        odd = {k: v for k, v in self.static_packing.items() if v not in ("coarse", "fine")}
+        if odd or set(self.static_packing) != set(self.static):
+            raise ValueError(
+                "Downscaler: static_packing must say 'coarse' or 'fine' for each static field "
+                f"{sorted(self.static)}; got {self.static_packing}"
+            )
 
     # ------------------------------------------------------------------ views
     @property
@@ -151,6 +182,10 @@ class Downscaler:
             "nonnegative": list(self.nonnegative),
             "history": [dict(h) for h in self.history],
             "grid": dict(self.grid),
+            "input_climatology": {k: encode(v) for k, v in self.input_climatology.items()},
+            "output_climatology": {k: encode(v) for k, v in self.output_climatology.items()},
+            "static": {k: encode(v) for k, v in self.static.items()},
+            "static_packing": dict(self.static_packing),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -171,6 +206,12 @@ class Downscaler:
             nonnegative=list(extra.get("nonnegative", [])),
             history=[dict(h) for h in extra.get("history", [])],
             grid=dict(extra.get("grid", {})),
+            input_climatology={k: decode(v) for k, v in extra.get("input_climatology", {}).items()},
+            output_climatology={
+                k: decode(v) for k, v in extra.get("output_climatology", {}).items()
+            },
+            static={k: decode(v) for k, v in extra.get("static", {}).items()},
+            static_packing=dict(extra.get("static_packing", {})),
         )
 
 

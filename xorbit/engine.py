@@ -256,12 +256,25 @@ def tile_defaults(
     img_size: Sequence[int],
     tile: int | Sequence[int] | None,
     halo: int | Sequence[int] | None,
+    shape: Sequence[int] | None = None,
+    periodic: bool = False,
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Tile core and halo as ``(ny, nx)`` pairs, checked.
 
-    Defaults: windows of the training size ``img_size``, the halo an eighth of
-    it (at least one pixel), the core what remains.
+    Defaults: a grid of ``shape`` that fits in one training window
+    ``img_size`` (and does not wrap around) is one tile without halo, as
+    training saw it (`xorbit.train` crops such a domain whole); otherwise
+    windows of the training size, the halo an eighth of it (at least one
+    pixel), the core what remains.
     """
+    if (
+        tile is None
+        and halo is None
+        and shape is not None
+        and not periodic
+        and all(int(s) <= int(i) for s, i in zip(shape, img_size, strict=True))
+    ):
+        return (int(shape[0]), int(shape[1])), (0, 0)
     if halo is None:
         halo = tuple(max(1, int(s) // 8) for s in img_size)
     halo = (halo, halo) if np.isscalar(halo) else tuple(halo)
@@ -330,7 +343,7 @@ def downscale_array(
         raise ValueError(f"cannot downscale an empty grid of shape ({ny}, {nx})")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    tile, halo = tile_defaults(cfg.img_size, tile, halo)
+    tile, halo = tile_defaults(cfg.img_size, tile, halo, (ny, nx), bool(periodic))
     plan = TilePlan.build((ny, nx), tile, halo, cfg.factor, periodic=(False, bool(periodic)))
     handle = ModelHandle(downscaler.model, weights_sha256 or downscaler.weights_sha256)
     mean, std = downscaler._stats(cfg.in_vars, 3, 0)

@@ -134,7 +134,8 @@ def load_checkpoint(
     """
     meta = read_metadata(path)
     try:
-        config = ReslimConfig.from_dict(meta["config"])
+        # before xorbit 0.2 a config without interp_skip meant none (now bicubic)
+        config = ReslimConfig.from_dict({"interp_skip": "none", **meta["config"]})
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{str(path)!r}: invalid model config in metadata: {err}") from err
     try:
@@ -239,6 +240,8 @@ def import_orbit2(
         drop_rate=float(m.get("drop_rate", 0.1)),
         res_km=res_km,
         unpatchify="reference",
+        interp_skip="none",
+        learn_pos_embed=False,
     )
     model = Reslim(config)
     load_state(model, state, source=str(checkpoint))

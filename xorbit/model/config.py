@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "1b": dict(embed_dim=3072, depth=8, decoder_depth=4, num_heads=24),
     "10b": dict(embed_dim=8192, depth=11, decoder_depth=4, num_heads=32),
     # Not in the paper: a model small enough to train on a laptop CPU in minutes.
-    "tiny": dict(embed_dim=64, depth=2, decoder_depth=1, num_heads=4),
+    "tiny": dict(embed_dim=64, depth=2, decoder_depth=1, num_heads=4, drop_path=0.0, drop_rate=0.0),
 }
 
 # Training hyper-parameters that configs of xorbit 0.1 carried.  Old checkpoints
@@ -89,10 +89,12 @@ class ReslimConfig:
         reproduces the non-local layout of the published code, needed to load
         published weights.
     interp_skip
-        ``"bicubic"`` or ``"bilinear"`` adds a fixed interpolation of the output
-        variables' coarse fields to the output, so the network learns only the
-        correction (not in the reference; helps extrapolation to values outside
-        the training range).  ``"none"``: the reference architecture.
+        ``"bicubic"`` (default) or ``"bilinear"`` adds a fixed interpolation of
+        the output variables' coarse fields to the output, so the network
+        learns only the correction; the layers that write the correction start
+        at zero, so an untrained model is that interpolation (not in the
+        reference; it extrapolates to values outside the training range, see
+        docs/training.md).  ``"none"``: the reference architecture.
 
     The architecture only: training hyper-parameters (learning rate, batch
     size, TV weight ...) are `xorbit.training.TrainOptions`, with defaults per
@@ -114,9 +116,9 @@ class ReslimConfig:
     drop_path: float = 0.1
     drop_rate: float = 0.1
     res_km: float = 111.0
-    learn_pos_embed: bool = False
+    learn_pos_embed: bool = True
     unpatchify: Unpatchify = "local"
-    interp_skip: Literal["none", "bilinear", "bicubic"] = "none"
+    interp_skip: Literal["none", "bilinear", "bicubic"] = "bicubic"
 
     def __post_init__(self) -> None:
         self.in_vars = list(self.in_vars)

@@ -217,6 +217,13 @@ class Reslim(nn.Module):
         self.apply(self._init_weights)
         nn.init.trunc_normal_(self.var_embed, std=0.02)
         nn.init.trunc_normal_(self.var_query, std=0.02)
+        if c.interp_skip != "none":
+            # the correction to the interpolation starts at zero: an untrained
+            # model is the interpolation, and training moves away from it only
+            # as far as the data ask
+            for last in (self.conv_out, self.path2[-1]):
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
-from .. import grid
+from .. import fields, grid
 from ..downscaler import Downscaler, training_grid
 from ..engine import default_device
 from ..model.config import ReslimConfig
@@ -17,6 +19,9 @@ from .loop import TrainOptions, fit, load_state, validate
 from .samples import PairedCrops, compute_stats, pair_arrays, split_time
 
 __all__ = ["TrainOptions", "fit", "load_state", "train", "validate"]
+
+# Draws of each time step per epoch, at least, when amplitude augmentation is on.
+MIN_AUGMENTED_DRAWS = 4
 
 _CF_ATTRS = ("standard_name", "long_name", "units", "cell_methods")
 
@@ -31,7 +36,7 @@ def train(
     client: Any = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: str | os.PathLike | bool | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float = 0.0,
     crop: Sequence[int] | None = None,
     crops_per_time: int | None = None,
     lr: float | None = None,
@@ -41,6 +46,8 @@ def train(
     progress: bool = True,
     time_dim: str = "time",
     stop_after: int | None = None,
+    climatology: bool = True,
+    static: xr.Dataset | None = None,
     **options: Any,
 ) -> Downscaler:
     """Train a Reslim downscaler on paired coarse and fine fields.
@@ -65,10 +72,16 @@ def train(
     resume
         A checkpoint directory (or ``True`` for ``checkpoint_dir``) to continue.
     val_fraction
-        The last part of the time axis held out for validation.
+        The last part of the time axis held out for validation (default none:
+        the last years are the most informative for a warming climate, and
+        keeping them for training wins over early stopping; see
+        docs/training.md).  With validation, the weights of the best epoch
+        are kept (``keep_best``).
     crop, crops_per_time
-        Coarse crop size (default ``config.img_size``) and random crops per time
-        step and epoch (default: as many as tile the grid).
+        Coarse crop size (default ``config.img_size``, or the whole grid when
+        smaller) and random crops per time step and epoch (default: as many as
+        tile the grid, at least 4 with amplitude augmentation, each with its
+        own amplitude).
     seed
         Makes the run deterministic (initialisation, crops, order).
     device
@@ -78,6 +91,18 @@ def train(
     stop_after
         Stop after this epoch as if the run were killed there (checkpoints
         included); for testing resumption.
+    climatology
+        Work on anomalies (default): each dynamic input and each output loses
+        its per-pixel mean over the training years before normalization, so
+        the loss sees the anomalies rather than the fixed large-scale pattern.
+        The means are stored in the `Downscaler` and put back when
+        downscaling, which then works inside the training domain only.
+    static
+        Time-invariant fields (orography, land-sea mask, ...) on the coarse or
+        the fine grid.  Fields the config does not name are added to it as
+        static inputs; a fine field becomes ``factor²`` coarse channels
+        ``name[i,j]`` (space-to-depth).  They are stored in the `Downscaler`, so
+        downscaling inside their domain needs nothing more.
     **options
         Other `TrainOptions` fields (``tv_lambda``, ``weight_decay``, ...);
         ``options=TrainOptions(...)`` passes them all at once.
@@ -104,20 +129,35 @@ def train(
     n_time = coarse.sizes[time_dim] if time_dim in coarse.dims else 1
     train_idx, val_idx = split_time(n_time, val_fraction if n_time > 1 else 0.0)
 
-    # statistics from the training period only, computed lazily with dask
     dynamic = [v for v in config.in_vars if v not in config.static_vars]
     cds = as_dataset(coarse, config.in_vars, candidates=dynamic)
     fds = as_dataset(fine, config.out_vars)
     ydim, xdim = grid.spatial_dims(cds)
-    found = gather([cds], config.in_vars, ydim=ydim, xdim=xdim, where="the coarse data")
+    stored, packing, channels, config = _static_inputs(static, cds, config)
+    dynamic = [v for v in config.in_vars if v not in config.static_vars]
+    found = gather([cds, channels], config.in_vars, ydim=ydim, xdim=xdim, where="the coarse data")
+    fy, fx = grid.spatial_dims(fds)
+    targets = gather([fds], config.out_vars, ydim=fy, xdim=fx, role="output", where="the fine data")
+    units = {n: found[n].attrs.get("units") for n in config.in_vars}
+    clim_in: dict[str, xr.DataArray] = {}
+    clim_out: dict[str, xr.DataArray] = {}
+    if climatology:
+        # per-pixel means over every time step given (validation years included:
+        # the climatology is part of the model, not a score)
+        every = range(n_time)
+        clim_in = {v: fields.climatology(found[v], time_dim, every) for v in dynamic}
+        clim_out = {v: fields.climatology(targets[v], time_dim, every) for v in config.out_vars}
+        found = {n: (a - clim_in[n]) if n in clim_in else a for n, a in found.items()}
+    # statistics from the training period only, computed lazily with dask
     stat_arrays = {
         name: var.isel({time_dim: train_idx}) if time_dim in var.dims else var
         for name, var in found.items()
     }
     mean, std = compute_stats(stat_arrays)
-    units = {n: stat_arrays[n].attrs.get("units") for n in config.in_vars}
-    fy, fx = grid.spatial_dims(fds)
-    targets = gather([fds], config.out_vars, ydim=fy, xdim=fx, role="output", where="the fine data")
+    for v in clim_in:
+        # anomalies are centred on their climatology: normalized zero is the
+        # climatology, which amplitude augmentation scales about
+        mean[v] = 0.0
     attrs = {
         name: {a: var.attrs[a] for a in _CF_ATTRS if a in var.attrs}
         for name, var in targets.items()
@@ -133,6 +173,9 @@ def train(
         std,
         time_dim=time_dim,
         static_vars=config.static_vars,
+        static=channels,
+        input_climatology=clim_in,
+        output_climatology=clim_out,
     )
     dsr = Downscaler.from_config(
         config,
@@ -143,12 +186,35 @@ def train(
         attrs=attrs,
         nonnegative=list(nonnegative),
         grid=training_grid(cds[ydim], cds[xdim]),
+        input_climatology=clim_in,
+        output_climatology=clim_out,
+        static=stored,
+        static_packing=packing,
     )
     crop = tuple(crop) if crop is not None else tuple(config.img_size)
     h, w = data.coarse.shape[-2:]
+    if opts.augment not in ("auto", "scale", "none"):
+        raise ValueError(f"augment must be 'auto', 'scale' or 'none', got {opts.augment!r}")
+    if opts.augment == "scale" and not clim_in:
+        raise ValueError(
+            "augment='scale' scales anomalies about their climatology: it needs climatology=True"
+        )
+    scaling = opts.augment == "scale" or (opts.augment == "auto" and bool(clim_in))
     if crops_per_time is None:
         crops_per_time = max(1, (h // min(crop[0], h)) * (w // min(crop[1], w)))
-    crops = PairedCrops(data.select(train_idx), crop, config.factor, crops_per_time, seed)
+        if scaling:
+            # every draw has its own amplitude: a small set gains from several per epoch
+            crops_per_time = max(crops_per_time, MIN_AUGMENTED_DRAWS)
+    crops = PairedCrops(
+        data.select(train_idx),
+        crop,
+        config.factor,
+        crops_per_time,
+        seed,
+        scale=tuple(opts.augment_scale) if scaling else None,
+        scaled=[config.in_vars.index(v) for v in clim_in],
+        mix=tuple(opts.augment_mix) if scaling and opts.augment_mix else None,
+    )
     val = data.select(val_idx) if len(val_idx) else None
     state = None
     if resume:
@@ -176,3 +242,51 @@ def train(
         history = fit(dsr, crops, val, opts, resume=state, stop_after=stop_after)
     dsr.history = history
     return dsr
+
+
+def _static_inputs(
+    static: xr.Dataset | None, cds: xr.Dataset, config: ReslimConfig
+) -> tuple[dict[str, xr.DataArray], dict[str, str], xr.Dataset | None, ReslimConfig]:
+    """Static fields: (stored fields, their grids, input channels, extended config).
+
+    Each data variable of ``static`` must be time-invariant and lie on the
+    coarse grid of ``cds`` or on its fine grid (``config.factor`` times finer).
+    Fields the config does not list become static inputs: a coarse field under
+    its name, a fine field as ``factor²`` packed channels.
+    """
+    if static is None:
+        return {}, {}, None, config
+    ydim, xdim = grid.spatial_dims(cds)
+    k = config.factor
+    refined = grid.fine_grid(cds, k, ydim, xdim)
+    fine_ref = xr.Dataset(coords={d: refined[d].variable for d in (ydim, xdim)})
+    stored: dict[str, xr.DataArray] = {}
+    packing: dict[str, str] = {}
+    channels: dict[str, xr.DataArray] = {}
+    for name in map(str, static.data_vars):
+        var = static[name]
+        sy, sx = grid.spatial_dims(var)
+        extra = [d for d in var.dims if d not in (sy, sx)]
+        if extra:
+            raise ValueError(
+                f"static field {name!r} has dims {extra} besides space: static fields are "
+                "time-invariant 2-D fields"
+            )
+        fine_shape = (cds.sizes[ydim] * k, cds.sizes[xdim] * k)
+        kind = "fine" if (var.sizes[sy], var.sizes[sx]) == fine_shape else "coarse"
+        what = f"static field {name!r}"
+        on = fields.on_grid(var, fine_ref if kind == "fine" else cds, what)
+        stored[name] = fields.plain(on.astype(np.float32), ydim, xdim)
+        packing[name] = kind
+        if kind == "fine":
+            channels.update(fields.pack(on, k, name, cds))
+        else:
+            channels[name] = on.rename(name)
+    new = [c for c in channels if c not in config.in_vars]
+    if new:
+        config = dataclasses.replace(
+            config,
+            in_vars=[*config.in_vars, *new],
+            static_vars=[*config.static_vars, *new],
+        )
+    return stored, packing, xr.Dataset(channels), config

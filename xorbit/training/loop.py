@@ -62,7 +62,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "126m": dict(lr=5e-4, batch_size=8),
     "1b": dict(lr=5e-4, batch_size=4),
     "10b": dict(lr=5e-4, batch_size=1),
-    "tiny": dict(lr=2e-3, batch_size=16),
+    "tiny": dict(lr=3e-3, batch_size=8),
 }
 
 
@@ -82,7 +82,7 @@ class TrainOptions:
     warmup_epochs: float = 2
     warmup_start_lr: float = 1e-7
     min_lr: float = 1e-8
-    tv_lambda: float = 0.02
+    tv_lambda: float = 1e-3
     var_weights: dict[str, float] = field(default_factory=dict)
     lat_weighted: bool = True
     clip_grad: float = 1.0
@@ -93,6 +93,11 @@ class TrainOptions:
     tile: tuple[int, int] | None = None
     halo: tuple[int, int] | None = None
     keep_best: bool = True
+    # amplitude augmentation of anomaly fields (`PairedCrops`): "auto" = on when
+    # the model works on anomalies from a climatology, "scale", or "none"
+    augment: str = "auto"
+    augment_scale: tuple[float, float] = (0.0, 3.0)
+    augment_mix: tuple[float, float] | None = None
     # torch intra-op threads of each DDP rank, at most; None: the rank's worker's
     # share of its host's cores (one-process training leaves torch's setting alone)
     threads: int | None = None

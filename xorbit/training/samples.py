@@ -114,13 +114,18 @@ def pair_arrays(
     std: Mapping[str, float],
     time_dim: Hashable = "time",
     static_vars: Sequence[str] = (),
+    static: xr.Dataset | None = None,
+    input_climatology: Mapping[str, xr.DataArray] | None = None,
+    output_climatology: Mapping[str, xr.DataArray] | None = None,
 ) -> PairedArrays:
     """Check that ``coarse`` and ``fine`` line up and return normalized arrays.
 
     Variables are found by name, then by ``standard_name``; the names in
     `COORDINATE_FIELDS` are made from coordinates.  The fine grid must be the
     coarse grid split ``factor`` times (checked on the coordinates, to a
-    hundredth of a fine cell).
+    hundredth of a fine cell).  Static input channels not in ``coarse`` are
+    read from ``static``.  The climatologies (on the coarse grid for inputs,
+    the fine grid for outputs) are subtracted before normalizing.
 
     Raises
     ------
@@ -157,7 +162,9 @@ def pair_arrays(
         ):
             raise ValueError(f"coarse and fine {time_dim!r} axes differ; align them first")
     c_arrays = list(
-        gather([cds], in_vars, ydim=ydim, xdim=xdim, role="input", where="the coarse data").values()
+        gather(
+            [cds, static], in_vars, ydim=ydim, xdim=xdim, role="input", where="the coarse data"
+        ).values()
     )
     f_arrays = list(
         gather([fds], out_vars, ydim=fy, xdim=fx, role="output", where="the fine data").values()
@@ -165,9 +172,11 @@ def pair_arrays(
     ref = f_arrays[0]
     times = ref[time_dim].values if time_dim in ref.dims else np.arange(1)
 
-    def stack(arrays, names, y, x):
+    def stack(arrays, names, y, x, clim):
         out = []
         for a, n in zip(arrays, names, strict=True):
+            if n in clim:
+                a = a - clim[n]
             if time_dim not in a.dims:
                 a = a.expand_dims({time_dim: len(times)})
             extra = [d for d in a.dims if d not in (time_dim, y, x)]
@@ -180,8 +189,8 @@ def pair_arrays(
         return np.stack(out, axis=1).astype(np.float32)
 
     return PairedArrays(
-        coarse=stack(c_arrays, list(in_vars), ydim, xdim),
-        fine=stack(f_arrays, list(out_vars), fy, fx),
+        coarse=stack(c_arrays, list(in_vars), ydim, xdim, input_climatology or {}),
+        fine=stack(f_arrays, list(out_vars), fy, fx, output_climatology or {}),
         fine_lat=np.asarray(fds[fy].values, np.float64),
         times=np.asarray(times),
         periodic=bool(grid.is_global_longitude(cds[xdim], cds)),
@@ -212,6 +221,13 @@ class PairedCrops(torch.utils.data.Dataset):
     from a generator seeded with ``(seed, e, i)``: the same on every rank and
     after a resume.  Returns ``(coarse [C, ch, cw] with NaN as 0, fine [V, ch k,
     cw k] with NaN kept, row latitudes [ch k])``.
+
+    ``scale=(lo, hi)`` multiplies the input channels ``scaled`` and the target
+    of each item by one factor drawn uniformly from ``[lo, hi]`` with a random
+    sign (amplitude augmentation, for anomaly fields whose normalized zero is
+    the climatology): it teaches the model that a larger anomaly of the coarse
+    field means a proportionally larger fine one, so that it extrapolates to a
+    climate warmer than its training years as a linear model would.
     """
 
     def __init__(
@@ -221,8 +237,14 @@ class PairedCrops(torch.utils.data.Dataset):
         factor: int,
         crops_per_time: int = 1,
         seed: int = 0,
+        scale: tuple[float, float] | None = None,
+        scaled: Sequence[int] = (),
+        mix: tuple[float, float] | None = None,
     ) -> None:
+        self.mix = None if mix is None else (float(mix[0]), float(mix[1]))
         self.data, self.factor, self.seed = data, int(factor), int(seed)
+        self.scale = None if scale is None else (float(scale[0]), float(scale[1]))
+        self.scaled = list(scaled)
         h, w = data.coarse.shape[-2:]
         self.crop = (min(int(crop[0]), h), min(int(crop[1]), w))
         self.crops_per_time = max(1, int(crops_per_time))
@@ -245,6 +267,19 @@ class PairedCrops(torch.utils.data.Dataset):
         x = self.data.coarse[t, :, y0 : y0 + ch, x0 : x0 + cw]
         y = self.data.fine[t, :, y0 * k : (y0 + ch) * k, x0 * k : (x0 + cw) * k]
         lat = self.data.fine_lat[y0 * k : (y0 + ch) * k]
+        if self.mix is not None:
+            t2 = int(rng.integers(0, len(self.data)))
+            lam = float(rng.uniform(*self.mix))
+            x2 = self.data.coarse[t2, :, y0 : y0 + ch, x0 : x0 + cw]
+            y2 = self.data.fine[t2, :, y0 * k : (y0 + ch) * k, x0 * k : (x0 + cw) * k]
+            x = x.copy()
+            x[self.scaled] = lam * x[self.scaled] + (1 - lam) * x2[self.scaled]
+            y = lam * y + (1 - lam) * y2
+        if self.scale is not None:
+            s = float(rng.uniform(*self.scale)) * (1.0 if rng.random() < 0.5 else -1.0)
+            x = x.copy()
+            x[self.scaled] *= s
+            y = y * s
         return (
             torch.from_numpy(np.nan_to_num(x, nan=0.0)),
             torch.from_numpy(np.ascontiguousarray(y)),
