@@ -19,6 +19,7 @@ How to run
     .venv/bin/python benchmarks/bench_skill.py                       # tiny, 3 seeds, 40 epochs
     .venv/bin/python benchmarks/bench_skill.py --presets tiny 9.5m --seeds 0 1 2 --epochs 40
     .venv/bin/python benchmarks/bench_skill.py --ablation            # ~15 min on 2 cores
+    .venv/bin/python benchmarks/bench_skill.py --workers 2           # DDP, 2 workers x 1 thread
 """
 
 from __future__ import annotations
@@ -107,9 +108,21 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--ablation", action="store_true", help="the cumulative recipes of ABLATION")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="train with DDP on a LocalCluster of this many workers x 1 thread (0: one process)",
+    )
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     pair, test_coarse, truth = split()
+    client = None
+    if args.workers:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True)
+        client = Client(cluster)
     predictions = {
         m: xorbit.baseline(test_coarse, m, train=pair if m in TRAINED else None, factor=4)
         for m in BASELINES
@@ -120,13 +133,21 @@ def main() -> None:
     for preset in args.presets:
         for name, cfg_kw, train_kw in recipes(args.ablation):
             label = preset if not args.ablation else f"{preset} {name}"
+            if args.workers:
+                label += f" DDP x{args.workers}"
             for seed in args.seeds:
                 cfg = xorbit.ReslimConfig.preset(
                     preset, factor=4, **{"in_vars": [VAR], "out_vars": [VAR], **cfg_kw}
                 )
                 t0 = time.perf_counter()
                 dsr = xorbit.train(
-                    *pair, cfg, epochs=args.epochs, seed=seed, progress=False, **train_kw
+                    *pair,
+                    cfg,
+                    epochs=args.epochs,
+                    seed=seed,
+                    progress=False,
+                    client=client,
+                    **train_kw,
                 )
                 seconds.setdefault(label, []).append(time.perf_counter() - t0)
                 tiles = {k: train_kw[k] for k in ("tile", "halo") if k in train_kw}
@@ -138,7 +159,8 @@ def main() -> None:
 
     print(
         f"# bench_skill: HadCM3 demo split, train 1860-{SPLIT}, score {SPLIT + 1}-2099; "
-        f"epochs {args.epochs}, seeds {args.seeds}; {os.cpu_count()} cores, torch "
+        f"epochs {args.epochs}, seeds {args.seeds}, DDP workers {args.workers or 'none'}; "
+        f"{os.cpu_count()} cores, torch "
         f"{torch.__version__}, xorbit {xorbit.__version__}"
     )
     width = max(14, *(len(str(m).split(" (seed")[0]) + 2 for m in scores.method.values))

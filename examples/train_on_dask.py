@@ -18,18 +18,9 @@ def main() -> None:
     fine = hadcm3_air_temperature()
     coarse = coarsen(fine, 4)
     early = fine.time.dt.year <= 2040
-    statics = ["coord_latitude", "coord_sinlon", "coord_coslon"]
+    # the default recipe; only the number of epochs is chosen
     cfg = xorbit.ReslimConfig.preset(
-        "tiny",
-        factor=4,
-        in_vars=["air_temperature", *statics],
-        out_vars=["air_temperature"],
-        static_vars=statics,
-        img_size=(9, 12),
-        learn_pos_embed=True,
-        interp_skip="bicubic",
-        drop_path=0.0,
-        drop_rate=0.0,
+        "tiny", factor=4, in_vars=["air_temperature"], out_vars=["air_temperature"]
     )
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
@@ -40,21 +31,16 @@ def main() -> None:
             coarse.sel(time=early),
             fine.sel(time=early),
             cfg,
-            epochs=60,
-            batch_size=8,  # global: 4 per rank
-            lr=3e-3,
-            tv_lambda=0.001,
+            epochs=40,  # global batch 8 (the tiny default): 4 per rank
             client=client,
             checkpoint_dir="dask-run",
             device="cpu",
-            tile=(9, 12),
-            halo=(0, 0),
         )
-    last = dsr.history[-1]
-    print(
-        f"epoch {last['epoch']}: validation RMSE {last['rmse_air_temperature']:.3f} K "
-        f"(bicubic {last['rmse_bicubic_air_temperature']:.3f} K)"
-    )
+        test = coarse.sel(time=~early)
+        pred = test.orbit.downscale(dsr)
+    truth = xorbit.grid.match_grid(fine.sel(time=~early), pred)
+    rmse = float(((pred - truth) ** 2).mean() ** 0.5)
+    print(f"{len(dsr.history)} epochs; held-out 2041-2099 RMSE {rmse:.3f} K")
     dsr.save("dask-run/hadcm3_x4.xorbit")
     print("wrote dask-run/hadcm3_x4.xorbit")
 

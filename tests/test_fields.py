@@ -242,3 +242,23 @@ def test_the_correction_layers_start_at_zero_only_with_a_skip():
     assert float(on.path2[-1].weight.detach().abs().sum()) == 0.0
     off = xorbit.Downscaler.from_config(small_config(interp_skip="none")).model
     assert float(off.conv_out.weight.detach().abs().sum()) > 0.0
+
+
+def test_non_negative_outputs_are_clamped_after_the_climatology_is_added():
+    """A negative anomaly of precipitation is fine; a negative total is not."""
+    fine = fine_field(nt=3) * 0 + 1.0
+    coarse = xorbit.coarsen(fine, 4)
+    clim_in = fields.climatology(coarse, "time", range(3)) + 5.0  # anomaly -5 everywhere
+    clim_out = fields.climatology(fine, "time", range(3)) * 0 + 2.0  # total 2 - 5 = -3
+    dsr = xorbit.Downscaler.from_config(
+        small_config(),
+        input_climatology={"tas": clim_in},
+        output_climatology={"tas": clim_out},
+        nonnegative=["tas"],
+        grid=training_grid(coarse.lat, coarse.lon),
+    )
+    out = coarse.orbit.downscale(dsr)
+    assert float(out.max()) == 0.0  # clamped anomalies would have given 2 everywhere
+    clim_out_wet = clim_out + 10.0  # total 12 - 5 = 7: nothing to clamp
+    dsr.output_climatology = {"tas": clim_out_wet}
+    np.testing.assert_allclose(coarse.orbit.downscale(dsr).values, 7.0, atol=1e-4)

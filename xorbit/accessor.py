@@ -194,7 +194,10 @@ def downscale(
         )
         if name in downscaler.output_climatology:
             clim = on_grid(downscaler.output_climatology[name], result, f"{name!r} climatology")
-            result = _keep(result + clim, result)
+            full = result + clim
+            if name in downscaler.nonnegative:
+                full = full.clip(min=0)  # clamped after the climatology is back
+            result = _keep(full, result)
         results[name] = _flip(result, flips)
     if as_array:
         return next(iter(results.values()))
@@ -292,8 +295,10 @@ class _OrbitBase:
             ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...; default: chosen where each
             task runs (CUDA when that worker sees a GPU, else CPU).
         static
-            Coarse static fields (orography, land-sea mask ...) the model reads,
-            if they are not in the object itself.
+            Static fields (orography, land-sea mask ...) the model reads, if
+            they are not in the object itself; for the fields stored in the
+            model (``xorbit.train(..., static=)``), the same names here replace
+            them, on the coarse or the fine grid as at training.
         periodic
             Whether longitude wraps around; detected from the grid by default.
         units
@@ -322,7 +327,9 @@ class _OrbitBase:
         KeyError
             If a model input is missing (the message lists what is there).
         ValueError
-            For a variable without the spatial dims; `xorbit.units.UnitsError` (a
+            For a variable without the spatial dims; for data outside the
+            training domain of a model with stored climatologies or static
+            fields (the message says so); `xorbit.units.UnitsError` (a
             ValueError) for missing or incompatible units.
         """
         return downscale(

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train on bundled HadCM3 data, downscale held-out years, print skill"
     )
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    p.add_argument("--epochs", type=int, default=150, help="training epochs (default: 150)")
+    p.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)

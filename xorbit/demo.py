@@ -23,7 +23,7 @@ TABLE_COLUMNS = {
 
 def run_demo(
     out_dir: str = "demo-output",
-    epochs: int = 150,
+    epochs: int = 40,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:

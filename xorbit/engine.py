@@ -348,8 +348,16 @@ def downscale_array(
     handle = ModelHandle(downscaler.model, weights_sha256 or downscaler.weights_sha256)
     mean, std = downscaler._stats(cfg.in_vars, 3, 0)
     out_mean, out_std = downscaler._stats(cfg.out_vars, 3, 0)
+    # non-negative outputs are clamped here, unless the caller adds a climatology
+    # afterwards (the accessor clamps the sum)
     floor = np.array(
-        [0.0 if v in downscaler.nonnegative else -np.inf for v in cfg.out_vars], np.float32
+        [
+            0.0
+            if v in downscaler.nonnegative and v not in downscaler.output_climatology
+            else -np.inf
+            for v in cfg.out_vars
+        ],
+        np.float32,
     )[:, None, None]
     out_idx = [cfg.in_vars.index(v) for v in cfg.out_vars]
     run = dict(

@@ -93,7 +93,8 @@ def train(
         included); for testing resumption.
     climatology
         Work on anomalies (default): each dynamic input and each output loses
-        its per-pixel mean over the training years before normalization, so
+        its per-pixel mean over every time step given (validation years
+        included: the mean is part of the model) before normalization, so
         the loss sees the anomalies rather than the fixed large-scale pattern.
         The means are stored in the `Downscaler` and put back when
         downscaling, which then works inside the training domain only.
