@@ -7,6 +7,7 @@ import xarray as xr
 
 import xorbit
 from tests.datasets import powerlaw_field
+from tests.test_train import small_config
 from xorbit import fields
 from xorbit.baselines import baseline
 from xorbit.downscaler import training_grid
@@ -27,23 +28,6 @@ def fine_field(nt=12, ny=32, nx=32, seed=0):
         name="tas",
         attrs={"units": "K", "standard_name": "air_temperature"},
     )
-
-
-def small_config(**kw):
-    params = dict(
-        in_vars=["tas"],
-        out_vars=["tas"],
-        factor=4,
-        img_size=(8, 8),
-        embed_dim=16,
-        depth=1,
-        decoder_depth=1,
-        num_heads=2,
-        drop_path=0.0,
-        drop_rate=0.0,
-    )
-    params.update(kw)
-    return xorbit.ReslimConfig(**params)
 
 
 # --------------------------------------------------------------------------- fields

@@ -19,7 +19,7 @@ def test_quickstart_notebook_runs(tmp_path):
     client.execute()
     for name in ("quickstart_maps.png", "quickstart_spectra.png", "quickstart_2041-2099.nc"):
         assert (tmp_path / name).stat().st_size > 5_000, name
-    # the evaluation cell printed the three methods
+    # the evaluation cell printed the model and the baselines
     table = next(
         o["data"]["text/plain"]
         for c in nb.cells
@@ -27,5 +27,5 @@ def test_quickstart_notebook_runs(tmp_path):
         for o in c.outputs
         if "data" in o
     )
-    for method in ("xorbit", "bicubic", "bicubic+climatology"):
+    for method in ("xorbit", "bicubic", "climatology", "ridge"):
         assert method in table
