@@ -246,3 +246,25 @@ def test_non_negative_outputs_are_clamped_after_the_climatology_is_added():
     clim_out_wet = clim_out + 10.0  # total 12 - 5 = 7: nothing to clamp
     dsr.output_climatology = {"tas": clim_out_wet}
     np.testing.assert_allclose(coarse.orbit.downscale(dsr).values, 7.0, atol=1e-4)
+
+
+def test_xorbit_info_names_the_domain_and_the_stored_static_fields(tmp_path, capsys):
+    from xorbit.cli import main
+
+    fine = fine_field(nt=6)
+    coarse = xorbit.coarsen(fine, 4)
+    orog = fine.isel(time=0, drop=True).rename("orog")
+    dsr = xorbit.train(
+        coarse,
+        fine,
+        small_config(),
+        epochs=1,
+        batch_size=2,
+        progress=False,
+        static=xr.Dataset({"orog": orog}),
+    )
+    path = dsr.save(tmp_path / "m.xorbit")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "climatologies of ['tas']: downscales inside lat 10..25.5, lon 200..215.5 only" in out
+    assert "static     stored: orog (fine grid)" in out

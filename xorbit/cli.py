@@ -211,6 +211,18 @@ def _info(args: argparse.Namespace) -> int:
         )
     else:
         print("  grid       not recorded (saved by xorbit < 0.2): inputs used as given")
+    if dsr.output_climatology:
+        field = next(iter(dsr.output_climatology.values()))
+        span = ", ".join(
+            f"{d} {float(field[d].min()):.4g}..{float(field[d].max()):.4g}" for d in field.dims
+        )
+        print(
+            f"  anomalies  from stored climatologies of {sorted(dsr.output_climatology)}: "
+            f"downscales inside {span} only"
+        )
+    if dsr.static:
+        kinds = ", ".join(f"{n} ({dsr.static_packing[n]} grid)" for n in sorted(dsr.static))
+        print(f"  static     stored: {kinds}")
     if dsr.history:
         last = dsr.history[-1]
         print("  trained    " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
