@@ -14,7 +14,7 @@ def test_quickstart_notebook_runs(tmp_path):
     shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
     nb = nbformat.read(tmp_path / NOTEBOOK.name, as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
     for name in ("quickstart_maps.png", "quickstart_spectra.png", "quickstart_2041-2099.nc"):
