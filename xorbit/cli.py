@@ -19,7 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         "xorbit demo: HadCM3 SRES A1B annual air temperature (iris-sample-data), "
         "36x48 cells cell-averaged x4 to 9x12;\n"
-        f"training on 1860-{DEMO_SPLIT_YEAR} (last 15% for validation), "
+        f"training on 1860-{DEMO_SPLIT_YEAR} with the default recipe, "
         f"scoring on {DEMO_SPLIT_YEAR + 1}-2099 (held out)."
     )
     result = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
