@@ -30,6 +30,19 @@ def fine_field(nt=12, ny=32, nx=32, seed=0):
     )
 
 
+def with_static(coarse, fine, orog, epochs=1):
+    """A small model trained briefly with ``orog`` as a (fine) static field."""
+    return xorbit.train(
+        coarse,
+        fine,
+        small_config(),
+        epochs=epochs,
+        batch_size=2,
+        progress=False,
+        static=xr.Dataset({"orog": orog}),
+    )
+
+
 # --------------------------------------------------------------------------- fields
 def test_encode_decode_is_lossless():
     f = fine_field().isel(time=0, drop=True)
@@ -107,15 +120,7 @@ def test_a_saved_model_keeps_its_fields_and_refuses_another_domain(tmp_path):
     fine = fine_field(nt=10)
     coarse = xorbit.coarsen(fine, 4)
     orog = fine.isel(time=0, drop=True).rename("orog") * 0.1
-    dsr = xorbit.train(
-        coarse,
-        fine,
-        small_config(),
-        epochs=1,
-        batch_size=2,
-        progress=False,
-        static=xr.Dataset({"orog": orog}),
-    )
+    dsr = with_static(coarse, fine, orog, epochs=1)
     assert dsr.static_packing == {"orog": "fine"}
     assert dsr.config.in_vars == ["tas", *fields.packed_names("orog", 4)]
     assert set(dsr.config.static_vars) == set(fields.packed_names("orog", 4))
@@ -139,15 +144,7 @@ def test_fine_static_fields_follow_a_flipped_input():
     fine = fine_field(nt=10)
     coarse = xorbit.coarsen(fine, 4)
     orog = fine.isel(time=0, drop=True).rename("orog")
-    dsr = xorbit.train(
-        coarse,
-        fine,
-        small_config(),
-        epochs=2,
-        batch_size=2,
-        progress=False,
-        static=xr.Dataset({"orog": orog}),
-    )
+    dsr = with_static(coarse, fine, orog, epochs=2)
     x = coarse.isel(time=slice(0, 3))
     a = x.orbit.downscale(dsr, tile=8, halo=0)
     b = x.isel(lat=slice(None, None, -1)).orbit.downscale(dsr, tile=8, halo=0)
@@ -159,26 +156,10 @@ def test_static_fields_on_neither_grid_are_refused():
     coarse = xorbit.coarsen(fine, 4)
     bad = fine.isel(time=0, drop=True).isel(lat=slice(0, 16)).rename("orog")
     with pytest.raises(ValueError, match="static field 'orog'"):
-        xorbit.train(
-            coarse,
-            fine,
-            small_config(),
-            epochs=1,
-            batch_size=2,
-            progress=False,
-            static=xr.Dataset({"orog": bad}),
-        )
+        with_static(coarse, fine, bad)
     timed = fine.rename("orog")
     with pytest.raises(ValueError, match="time-invariant"):
-        xorbit.train(
-            coarse,
-            fine,
-            small_config(),
-            epochs=1,
-            batch_size=2,
-            progress=False,
-            static=xr.Dataset({"orog": timed}),
-        )
+        with_static(coarse, fine, timed)
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -254,15 +235,7 @@ def test_xorbit_info_names_the_domain_and_the_stored_static_fields(tmp_path, cap
     fine = fine_field(nt=6)
     coarse = xorbit.coarsen(fine, 4)
     orog = fine.isel(time=0, drop=True).rename("orog")
-    dsr = xorbit.train(
-        coarse,
-        fine,
-        small_config(),
-        epochs=1,
-        batch_size=2,
-        progress=False,
-        static=xr.Dataset({"orog": orog}),
-    )
+    dsr = with_static(coarse, fine, orog, epochs=1)
     path = dsr.save(tmp_path / "m.xorbit")
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
