@@ -241,3 +241,18 @@ def test_xorbit_info_names_the_domain_and_the_stored_static_fields(tmp_path, cap
     out = capsys.readouterr().out
     assert "climatologies of ['tas']: downscales inside lat 10..25.5, lon 200..215.5 only" in out
     assert "static     stored: orog (fine grid)" in out
+
+
+def test_static_fields_larger_than_the_domain_are_cut_to_it():
+    """Fine orography for a wider region than the training data: cut, not mistaken."""
+    big = fine_field(nt=6, ny=40, nx=40)
+    fine = big.isel(lat=slice(4, 36), lon=slice(4, 36))
+    coarse = xorbit.coarsen(fine, 4)
+    orog = big.isel(time=0, drop=True).rename("orog")  # 40 x 40 on the fine spacing
+    dsr = with_static(coarse, fine, orog)
+    assert dsr.static_packing == {"orog": "fine"}
+    np.testing.assert_array_equal(dsr.static["orog"].values, orog.values[4:36, 4:36])
+    lsm = xorbit.coarsen(big.isel(time=0, drop=True), 4)  # 10 x 10 on the coarse spacing
+    dsr = with_static(coarse, fine, lsm)
+    assert dsr.static_packing == {"orog": "coarse"}
+    np.testing.assert_array_equal(dsr.static["orog"].values, lsm.values[1:9, 1:9])

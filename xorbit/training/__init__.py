@@ -251,7 +251,8 @@ def _static_inputs(
     """Static fields: (stored fields, their grids, input channels, extended config).
 
     Each data variable of ``static`` must be time-invariant and lie on the
-    coarse grid of ``cds`` or on its fine grid (``config.factor`` times finer).
+    coarse grid of ``cds`` or on its fine grid (``config.factor`` times finer),
+    told apart by grid spacing; a field larger than the domain is cut to it.
     Fields the config does not list become static inputs: a coarse field under
     its name, a fine field as ``factor²`` packed channels.
     """
@@ -273,8 +274,7 @@ def _static_inputs(
                 f"static field {name!r} has dims {extra} besides space: static fields are "
                 "time-invariant 2-D fields"
             )
-        fine_shape = (cds.sizes[ydim] * k, cds.sizes[xdim] * k)
-        kind = "fine" if (var.sizes[sy], var.sizes[sx]) == fine_shape else "coarse"
+        kind = _grid_of(var, (sy, sx), cds, (ydim, xdim), k)
         what = f"static field {name!r}"
         on = fields.on_grid(var, fine_ref if kind == "fine" else cds, what)
         stored[name] = fields.plain(on.astype(np.float32), ydim, xdim)
@@ -291,3 +291,17 @@ def _static_inputs(
             static_vars=[*config.static_vars, *new],
         )
     return stored, packing, xr.Dataset(channels), config
+
+
+def _grid_of(var: xr.DataArray, dims, cds: xr.Dataset, cdims, factor: int) -> str:
+    """``"fine"`` or ``"coarse"``: the grid whose spacing ``var``'s is nearer to."""
+    for vd, cd in zip(dims, cdims, strict=True):
+        v = np.asarray(var[vd].values, np.float64)
+        c = np.asarray(cds[cd].values, np.float64)
+        if v.size > 1 and c.size > 1:
+            step = float(np.median(np.abs(np.diff(v))))
+            coarse = float(np.median(np.abs(np.diff(c))))
+            fine_off = abs(np.log(step / (coarse / factor)))
+            return "fine" if fine_off < abs(np.log(step / coarse)) else "coarse"
+    fine_shape = tuple(cds.sizes[d] * factor for d in cdims)
+    return "fine" if tuple(var.sizes[d] for d in dims) == fine_shape else "coarse"
