@@ -1,5 +1,7 @@
 """Stored per-pixel fields: climatologies (anomaly training) and static inputs."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -256,3 +258,17 @@ def test_static_fields_larger_than_the_domain_are_cut_to_it():
     dsr = with_static(coarse, fine, lsm)
     assert dsr.static_packing == {"orog": "coarse"}
     np.testing.assert_array_equal(dsr.static["orog"].values, lsm.values[1:9, 1:9])
+
+
+def test_a_grid_smaller_than_the_training_window_warns():
+    from xorbit.accessor import GridWarning
+
+    fine = fine_field(nt=6, ny=24, nx=24)
+    coarse = xorbit.coarsen(fine, 4)  # 6 x 6: smaller than img_size, one crop
+    dsr = xorbit.train(coarse, fine, small_config(), epochs=1, batch_size=2, progress=False)
+    assert dsr.grid["window"] == [6, 6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GridWarning)
+        coarse.orbit.downscale(dsr)  # the whole domain: no warning
+    with pytest.warns(GridWarning, match="trained on windows of 6 x 6"):
+        coarse.isel(lat=slice(0, 4)).orbit.downscale(dsr)

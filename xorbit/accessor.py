@@ -88,6 +88,17 @@ def _orient(
                     GridWarning,
                     stacklevel=4,
                 )
+    window = facts.get("window")
+    shape = (ref.sizes[ydim], ref.sizes[xdim])
+    if window and (shape[0] < window[0] or shape[1] < window[1]):
+        warnings.warn(
+            f"the model was trained on windows of {window[0]} x {window[1]} coarse cells, "
+            f"but this input is {shape[0]} x {shape[1]}: its position embedding is stretched "
+            "over a grid it never saw; downscale a region at least the window's size (for "
+            "a model trained on a small domain: the whole domain) and select afterwards",
+            GridWarning,
+            stacklevel=4,
+        )
     return flips
 
 

@@ -49,7 +49,8 @@ class Downscaler:
     grid
         Facts about the coarse grid it was trained on (`training_grid`):
         ``y_ascending`` / ``x_ascending`` (coordinate order), ``dy`` / ``dx``
-        (spacing in the coordinates' units), ``multi_resolution``.  Downscaling
+        (spacing in the coordinates' units), ``multi_resolution``, ``window``
+        (the coarse size of the training crops).  Downscaling
         flips inputs to the training orientation and back, and warns on a
         spacing far from the training one.  Empty for models saved before
         xorbit 0.2 (then inputs are used as they come).

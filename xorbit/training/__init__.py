@@ -194,6 +194,8 @@ def train(
     )
     crop = tuple(crop) if crop is not None else tuple(config.img_size)
     h, w = data.coarse.shape[-2:]
+    # the windows training sees: downscaling a smaller grid warns
+    dsr.grid["window"] = [min(int(crop[0]), h), min(int(crop[1]), w)]
     if opts.augment not in ("auto", "scale", "none"):
         raise ValueError(f"augment must be 'auto', 'scale' or 'none', got {opts.augment!r}")
     if opts.augment == "scale" and not clim_in:
