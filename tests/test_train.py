@@ -407,4 +407,5 @@ def test_train_records_the_training_grid():
         "dy": 2.0,
         "x_ascending": True,
         "dx": 2.0,
+        "window": [8, 8],  # the 8 x 8 coarse grid is one training crop
     }
