@@ -30,7 +30,7 @@ from . import grid
 from ._version import __version__
 from .downscaler import Downscaler
 from .engine import downscale_array
-from .fields import on_grid, pack
+from .fields import fine_reference, on_grid, pack
 from .units import to_model_units
 from .variables import as_dataset, find_variable, gather
 
@@ -239,7 +239,6 @@ def _stored_static(
     """
     if not dsr.static:
         return None
-    ydim, xdim = grid.spatial_dims(ds)
     ds = _flip(ds, flips)
     channels: dict[str, xr.DataArray] = {}
     fine_ref = None
@@ -252,8 +251,7 @@ def _stored_static(
             channels[name] = on_grid(field, ds, what)
             continue
         if fine_ref is None:
-            refined = grid.fine_grid(ds, dsr.factor, ydim, xdim)
-            fine_ref = xr.Dataset(coords={d: refined[d].variable for d in (ydim, xdim)})
+            fine_ref = fine_reference(ds, dsr.factor)
         channels.update(pack(on_grid(field, fine_ref, what), dsr.factor, name, ds))
     return _flip(xr.Dataset(channels), flips)
 

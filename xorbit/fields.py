@@ -26,7 +26,16 @@ import xarray as xr
 
 from . import grid
 
-__all__ = ["climatology", "decode", "encode", "on_grid", "pack", "packed_names", "plain"]
+__all__ = [
+    "climatology",
+    "decode",
+    "encode",
+    "fine_reference",
+    "on_grid",
+    "pack",
+    "packed_names",
+    "plain",
+]
 
 
 def climatology(var: xr.DataArray, time_dim: Hashable, index: Sequence[int]) -> xr.DataArray:
@@ -91,6 +100,13 @@ def on_grid(field: xr.DataArray, like: xr.DataArray | xr.Dataset, what: str) -> 
             f"{err}. The {what} covers only the model's training domain ({where}): "
             "downscale inside it, or pass static=... for this domain"
         ) from None
+
+
+def fine_reference(coarse: xr.DataArray | xr.Dataset, factor: int) -> xr.Dataset:
+    """The fine grid of ``coarse`` (refined ``factor`` times) as a coordinates-only Dataset."""
+    ydim, xdim = grid.spatial_dims(coarse)
+    refined = grid.fine_grid(coarse, factor, ydim, xdim)
+    return xr.Dataset(coords={d: refined[d].variable for d in (ydim, xdim)})
 
 
 def packed_names(name: str, factor: int) -> list[str]:

@@ -262,8 +262,7 @@ def _static_inputs(
         return {}, {}, None, config
     ydim, xdim = grid.spatial_dims(cds)
     k = config.factor
-    refined = grid.fine_grid(cds, k, ydim, xdim)
-    fine_ref = xr.Dataset(coords={d: refined[d].variable for d in (ydim, xdim)})
+    fine_ref = fields.fine_reference(cds, k)
     stored: dict[str, xr.DataArray] = {}
     packing: dict[str, str] = {}
     channels: dict[str, xr.DataArray] = {}
