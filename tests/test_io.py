@@ -2,8 +2,12 @@
 
 import json
 import sys
+import threading
+import time
 import warnings
+from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -247,13 +251,16 @@ def flaky(block, block_info=None):
 def crashed_write(downscaled, store, **kw):
     """A write of ``downscaled`` in 2-step time chunks, killed at time 6; the field.
 
+    The crashed call writes one region per `dask.compute` (in order, as a
+    sequential writer would), so exactly the regions before time 6 are done;
+    the calls that resume write theirs concurrently.
     ``keepbits="auto"`` computes the first chunk once more (its sample)."""
     data = downscaled.data.rechunk((2, 36, 48)).map_blocks(flaky, dtype=np.float32)
     field = downscaled.copy(data=data)
     COMPUTED.clear()
     FAIL_ON["block"] = 6
     with pytest.raises(RuntimeError, match="killed while computing time 6"):
-        field.orbit.to_zarr(store, **kw)
+        field.orbit.to_zarr(store, regions_per_compute=1, **kw)
     assert not store.exists() and store.with_name(store.name + ".partial").exists()
     sampled = [0] if kw.get("keepbits") == "auto" else []
     assert sorted(COMPUTED) == sorted([*sampled, 0, 2, 4])
@@ -273,6 +280,102 @@ def test_zarr_round_trip_and_resume_after_a_crash(downscaled, tmp_path):
     assert back.attrs["Conventions"] == "CF-1.10"
     with pytest.raises(FileExistsError, match="exists; remove it"):
         field.orbit.to_zarr(store)
+
+
+def block_start(block_info) -> int:
+    return block_info[0]["array-location"][0][0]
+
+
+def test_zarr_writes_regions_concurrently(tmp_path):
+    # every region's only chunk waits at a barrier of two: it passes only if
+    # two region writes are in flight at once (one at a time: BrokenBarrierError)
+    barrier = threading.Barrier(2, timeout=20)
+    met = []
+
+    def meet(block, block_info=None):
+        barrier.wait()
+        met.append(block_start(block_info))
+        return block
+
+    field = smooth_noisy_field(chunks={"time": 1})
+    field = field.copy(
+        data=field.data.map_blocks(meet, dtype=np.float32, meta=np.array((), np.float32))
+    )
+    with dask.config.set(scheduler="threads", num_workers=2):
+        store = to_zarr(field, tmp_path / "out.zarr")
+    assert sorted(met) == [0, 1, 2, 3, 4, 5]
+    back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)["tas"]
+    np.testing.assert_array_equal(back.values, smooth_noisy_field().values)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_zarr_concurrent_crash_resumes_exactly_the_unfinished_regions(tmp_path):
+    store = tmp_path / "out.zarr"
+    done = tmp_path / "out.zarr.partial-done"
+    fail_at = {"time": 3}
+    computed = []
+
+    def step(block, block_info=None):
+        t0 = block_start(block_info)
+        if t0 == fail_at["time"]:
+            # let the five other regions finish and mark themselves first (the
+            # other thread writes them meanwhile), then die
+            deadline = time.monotonic() + 30
+            while len(list(done.glob("region-*"))) < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise RuntimeError(f"killed while computing time {t0}")
+        computed.append(t0)
+        return block
+
+    field = smooth_noisy_field(chunks={"time": 1})
+    field = field.copy(
+        data=field.data.map_blocks(step, dtype=np.float32, meta=np.array((), np.float32))
+    )
+    with dask.config.set(scheduler="threads", num_workers=2):
+        with pytest.raises(RuntimeError, match="killed while computing time 3"):
+            to_zarr(field, store)
+        assert not store.exists()
+        assert sorted(p.name for p in done.glob("region-*")) == [
+            f"region-{i}" for i in (0, 1, 2, 4, 5)
+        ]
+        assert sorted(computed) == [0, 1, 2, 4, 5]
+        computed.clear()
+        fail_at["time"] = None
+        to_zarr(field, store)
+    assert computed == [3]  # only the region that had no marker
+    back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)["tas"]
+    np.testing.assert_array_equal(back.values, smooth_noisy_field().values)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_zarr_computes_regions_in_bounded_groups(tmp_path, monkeypatch):
+    calls = []
+    compute = dask.compute
+    monkeypatch.setattr(dask, "compute", lambda *a, **kw: calls.append(len(a)) or compute(*a, **kw))
+    markers = []
+    mark_done = xorbit.io._mark_done
+    monkeypatch.setattr(xorbit.io, "_mark_done", lambda w, m: markers.append(m) or mark_done(w, m))
+    monkeypatch.chdir(tmp_path)  # a relative store: the markers still get absolute paths
+    field = smooth_noisy_field(chunks={"time": 1}).isel(time=slice(0, 5))
+    store = to_zarr(field, "out.zarr", regions_per_compute=2)
+    assert calls == [2, 2, 1]
+    assert len(markers) == 5 and all(Path(m).is_absolute() for m in markers)
+    back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)["tas"]
+    np.testing.assert_array_equal(back.values, field.values)
+    with pytest.raises(ValueError, match="at least 1"):
+        to_zarr(field, "other.zarr", regions_per_compute=0)
+
+
+def test_zarr_writes_eager_data_and_lazy_static_fields(tmp_path):
+    eager = smooth_noisy_field()  # numpy: no region dimension, one write
+    back = xr.open_zarr(to_zarr(eager, tmp_path / "e.zarr"), consolidated=False)
+    np.testing.assert_array_equal(back["tas"].values, eager.values)
+    # a lazy field without time: not written by any time region
+    ds = smooth_noisy_field(chunks={"time": 2}).to_dataset()
+    ds["orog"] = (eager.isel(time=0, drop=True) * 0 + 5).chunk().assign_attrs(units="m")
+    back = xr.open_zarr(to_zarr(ds, tmp_path / "s.zarr"), consolidated=False)
+    np.testing.assert_array_equal(back["orog"].values, np.full((32, 48), 5, np.float32))
+    np.testing.assert_array_equal(back["tas"].values, eager.values)
 
 
 def test_zarr_keepbits_is_recorded(downscaled, tmp_path):

@@ -37,6 +37,10 @@ __all__ = ["CONVENTIONS", "bitround", "open_dataset", "prepare", "to_netcdf", "t
 
 CONVENTIONS = "CF-1.10"
 _VALID_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+#: `to_zarr`'s default ``regions_per_compute``: at most this many regions go into
+#: one `dask.compute` call, so a long output (10 000 time steps) never becomes
+#: one giant graph.
+REGIONS_PER_COMPUTE = 256
 
 
 def open_dataset(path: str | os.PathLike, chunks: dict | None = None) -> xr.Dataset:
@@ -445,6 +449,46 @@ def _signature_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+def _mark_done(written: None, marker: str) -> None:
+    """Touch ``marker``.  The task takes its region's write (``written``) as its
+    argument, so it runs only once that write has finished."""
+    del written
+    Path(marker).touch()
+
+
+def _lazy_static(ds: xr.Dataset, dim: str) -> list[str]:
+    """Dask-backed variables without the region dimension ``dim`` (a lazy static field)."""
+    return [
+        str(name)
+        for name, var in ds.variables.items()
+        if dim not in var.dims and isinstance(var.data, da.Array)
+    ]
+
+
+def _region_write(
+    ds: xr.Dataset, partial: Path, dim: str | None, region: slice | None, marker: Path
+) -> Any:
+    """One region's lazy write, then the task that touches its marker (a Delayed).
+
+    ``region=None`` writes the lazy variables without ``dim`` (the first,
+    ``compute=False`` write of the store wrote only the in-memory ones).
+    In-memory (numpy) variables are written when the write is built, the Dask
+    ones when the Delayed is computed.
+    """
+    if dim is None:
+        part = ds.drop_vars([v for v in ds.variables if v not in ds.data_vars])
+        write = part.to_zarr(partial, mode="r+", consolidated=False, compute=False)
+    elif region is None:
+        keep = _lazy_static(ds, dim)
+        part = ds.drop_vars([v for v in ds.variables if v not in keep])
+        write = part.to_zarr(partial, mode="r+", consolidated=False, compute=False)
+    else:
+        part = ds.isel({dim: region})
+        part = part.drop_vars([v for v in part.variables if dim not in part[v].dims])
+        write = part.to_zarr(partial, region={dim: region}, consolidated=False, compute=False)
+    return dask.delayed(_mark_done, pure=False)(write, os.fspath(marker))
+
+
 def to_zarr(
     obj: xr.DataArray | xr.Dataset,
     store: str | os.PathLike,
@@ -452,19 +496,24 @@ def to_zarr(
     level: int = 3,
     keepbits: int | str | None = None,
     resume: bool = True,
+    regions_per_compute: int = REGIONS_PER_COMPUTE,
     **cf: Any,
 ) -> Path:
     """Write CF-ready, compressed zarr (v3: Blosc zstd + shuffle), atomically and resumably.
 
     The data are written region by region (one Dask chunk of the leading
-    dimension, e.g. time, at a time) into ``<store>.partial``; each finished
-    region leaves a marker (in ``<store>.partial-done``).  A run that is
-    interrupted can be called again with the same arguments: finished regions
-    are not recomputed.  A call that would write other bytes (other rounding,
-    compression, dtypes, chunks, variables or coordinates: `_resume_signature`)
-    warns, naming what changed, and starts afresh, so one store never mixes
-    two encodings.  When all regions are written the folder is renamed to
-    ``store``.
+    dimension, e.g. time) into ``<store>.partial``.  The regions are Dask tasks
+    written concurrently, ``regions_per_compute`` of them per `dask.compute`
+    call, by the active scheduler (a distributed ``Client`` if one is set, else
+    threads); each region, once written, marks itself done with a file in
+    ``<store>.partial-done`` (lazy variables without that dimension get a
+    marker of their own).  A run that is interrupted can be called again with
+    the same arguments: the marked regions are not recomputed, the others are.
+    A call that would write other bytes (other rounding, compression, dtypes,
+    chunks, variables or coordinates: `_resume_signature`) warns, naming what
+    changed, and starts afresh, so one store never mixes two encodings.  When
+    every region is marked done the folder is renamed to ``store``.  Markers are plain files at absolute paths: Dask workers must
+    share this machine's file system (as they must to write the store).
 
     Parameters
     ----------
@@ -479,19 +528,27 @@ def to_zarr(
     resume
         Continue a ``<store>.partial`` left by an interrupted call (default);
         ``False`` starts afresh.
+    regions_per_compute
+        At most this many regions go into one `dask.compute` call (concurrent
+        within it; the calls follow one another), bounding the graph's size.
 
     Raises
     ------
     FileExistsError
         If ``store`` already exists (remove it first; nothing is overwritten).
+    ValueError
+        If ``regions_per_compute`` is less than 1.
     """
     store = Path(store)
     if store.exists():
         raise FileExistsError(f"{str(store)!r} exists; remove it or choose another path")
-    partial = store.with_name(store.name + ".partial")
+    if regions_per_compute < 1:
+        raise ValueError(f"regions_per_compute must be at least 1, not {regions_per_compute}")
+    # absolute: the writes and markers may run in a worker with another cwd
+    partial = store.resolve().with_name(store.name + ".partial")
     # the markers live beside the store, not in it: zarr warns about folders it
     # does not know on every write
-    done_dir = store.with_name(store.name + ".partial-done")
+    done_dir = store.resolve().with_name(store.name + ".partial-done")
     ds = prepare(obj, **cf)
     # "auto" becomes numbers here, before the signature: a second "auto" call
     # compares the bits it chose, not the word
@@ -532,18 +589,21 @@ def to_zarr(
         )
         done_dir.mkdir()
         (done_dir / "signature.json").write_text(json.dumps(signature, sort_keys=True))
-    for i, region in enumerate(regions):
-        marker = done_dir / f"region-{i}"
-        if marker.exists():
-            continue
-        if dim is None:
-            part = ds.drop_vars([v for v in ds.variables if v not in ds.data_vars])
-            part.to_zarr(partial, mode="r+", consolidated=False)
-        else:
-            part = ds.isel({dim: region})
-            part = part.drop_vars([v for v in part.variables if dim not in part[v].dims])
-            part.to_zarr(partial, region={dim: region}, consolidated=False)
-        marker.touch()
+    todo: list[tuple[slice | None, Path]] = [
+        (region, done_dir / f"region-{i}") for i, region in enumerate(regions)
+    ]
+    if dim is not None and _lazy_static(ds, dim):
+        todo.append((None, done_dir / "static"))
+    todo = [(region, marker) for region, marker in todo if not marker.exists()]
+    for first in range(0, len(todo), regions_per_compute):
+        # built group by group: a region's write holds its slice of the graph
+        group = todo[first : first + regions_per_compute]
+        dask.compute(*[_region_write(ds, partial, dim, r, m) for r, m in group])
+    missing = [m.name for _, m in todo if not m.exists()]
+    if missing:  # a worker that wrote elsewhere (another machine's disk)
+        raise RuntimeError(
+            f"{str(partial)!r}: computed, yet not marked done: {', '.join(missing[:6])}"
+        )
     os.replace(partial, store)
     shutil.rmtree(done_dir)
     return store
