@@ -409,3 +409,24 @@ def test_train_records_the_training_grid():
         "dx": 2.0,
         "window": [8, 8],  # the 8 x 8 coarse grid is one training crop
     }
+
+
+@pytest.mark.distributed
+def test_ddp_ranks_read_their_samples_from_a_store(client, tmp_path):
+    fine = fine_field().astype(np.float32)
+    coarse = coarsen(fine, 4)
+    fine.to_dataset().chunk(time=1).to_zarr(tmp_path / "fine.zarr")
+    coarse.to_dataset().chunk(time=1).to_zarr(tmp_path / "coarse.zarr")
+    kw = dict(epochs=2, batch_size=4, progress=False, seed=7, device="cpu", val_fraction=0.25)
+    single = train(coarse, fine, small_config(), in_memory=True, **kw)
+    ddp = train(
+        xr.open_zarr(tmp_path / "coarse.zarr")["tas"],
+        xr.open_zarr(tmp_path / "fine.zarr")["tas"],
+        small_config(),
+        client=client,
+        in_memory=False,
+        **kw,
+    )
+    assert max_diff(weights(single), weights(ddp)) < 1e-5
+    for one, two in zip(single.history, ddp.history, strict=True):
+        assert two["rmse_tas"] == pytest.approx(one["rmse_tas"], rel=1e-5)

@@ -45,7 +45,10 @@ def climatology(var: xr.DataArray, time_dim: Hashable, index: Sequence[int]) -> 
     """
     ydim, xdim = grid.spatial_dims(var)
     if time_dim in var.dims:
-        var = var.isel({time_dim: np.asarray(index)}).mean(time_dim, skipna=True)
+        index = np.asarray(index)
+        if not np.array_equal(index, np.arange(var.sizes[time_dim])):
+            var = var.isel({time_dim: index})
+        var = var.mean(time_dim, skipna=True)
     extra = [d for d in var.dims if d not in (ydim, xdim)]
     if extra:
         raise ValueError(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
+import dask
+import dask.array
 import numpy as np
 import xarray as xr
 
@@ -16,7 +19,7 @@ from ..engine import default_device
 from ..model.config import ReslimConfig
 from ..variables import as_dataset, gather, var_names
 from .loop import TrainOptions, fit, load_state, validate
-from .samples import PairedCrops, compute_stats, pair_arrays, split_time
+from .samples import PairedCrops, compute_stats, in_memory, pair_arrays, split_time
 
 __all__ = ["TrainOptions", "fit", "load_state", "train", "validate"]
 
@@ -48,6 +51,7 @@ def train(
     stop_after: int | None = None,
     climatology: bool = True,
     static: xr.Dataset | None = None,
+    samples_per_epoch: int | None = None,
     **options: Any,
 ) -> Downscaler:
     """Train a Reslim downscaler on paired coarse and fine fields.
@@ -59,7 +63,13 @@ def train(
         split ``config.factor`` times (`xorbit.coarsen` makes such a coarse
         field from a fine one).  Variables are found by name, then by CF
         ``standard_name``; inputs named in `xorbit.variables.COORDINATE_FIELDS` are
-        made from the coordinates.
+        made from the coordinates.  NumPy-, Dask- or file-backed (``xr.open_zarr``):
+        statistics and climatologies are computed with Dask (on ``client``'s
+        cluster when given), and data not already in memory and larger than
+        `xorbit.training.samples.IN_MEMORY_BYTES` are never loaded whole: each
+        process (each DDP rank) reads its own samples from the store, a few
+        batches ahead in a background thread (``in_memory=`` and ``prefetch=``
+        options).  Chunk such a store so that one chunk holds about one crop.
     config
         The model; default ``ReslimConfig.preset("tiny")`` over the variables.
     epochs, batch_size, lr
@@ -82,6 +92,10 @@ def train(
         smaller) and random crops per time step and epoch (default: as many as
         tile the grid, at least 4 with amplitude augmentation, each with its
         own amplitude).
+    samples_per_epoch
+        Random samples (time step and crop) drawn per epoch; default: every
+        time step ``crops_per_time`` times.  For sets too large to go through
+        every epoch.
     seed
         Makes the run deterministic (initialisation, crops, order).
     device
@@ -142,19 +156,28 @@ def train(
     units = {n: found[n].attrs.get("units") for n in config.in_vars}
     clim_in: dict[str, xr.DataArray] = {}
     clim_out: dict[str, xr.DataArray] = {}
-    if climatology:
-        # per-pixel means over every time step given (validation years included:
-        # the climatology is part of the model, not a score)
-        every = range(n_time)
-        clim_in = {v: fields.climatology(found[v], time_dim, every) for v in dynamic}
-        clim_out = {v: fields.climatology(targets[v], time_dim, every) for v in config.out_vars}
-        found = {n: (a - clim_in[n]) if n in clim_in else a for n, a in found.items()}
-    # statistics from the training period only, computed lazily with dask
-    stat_arrays = {
-        name: var.isel({time_dim: train_idx}) if time_dim in var.dims else var
-        for name, var in found.items()
-    }
-    mean, std = compute_stats(stat_arrays)
+    # data in files are reduced chunk by chunk with Dask, never loaded whole here
+    lazy_found = {n: _chunked(a, time_dim) for n, a in found.items()}
+    lazy_targets = {n: _chunked(a, time_dim) for n, a in targets.items()}
+    with _scheduler(client):
+        if climatology:
+            # per-pixel means over every time step given (validation years
+            # included: the climatology is part of the model, not a score)
+            every = range(n_time)
+            clim_in = {v: fields.climatology(lazy_found[v], time_dim, every) for v in dynamic}
+            clim_out = {
+                v: fields.climatology(lazy_targets[v], time_dim, every) for v in config.out_vars
+            }
+            lazy_found = {n: (a - clim_in[n]) if n in clim_in else a for n, a in lazy_found.items()}
+        # statistics from the training period only
+        stat_arrays = {
+            # a slice, not an index array: Dask takes it without a shuffle
+            name: var.isel({time_dim: slice(int(train_idx[0]), int(train_idx[-1]) + 1)})
+            if time_dim in var.dims
+            else var
+            for name, var in lazy_found.items()
+        }
+        mean, std = compute_stats(stat_arrays)
     for v in clim_in:
         # anomalies are centred on their climatology: normalized zero is the
         # climatology, which amplitude augmentation scales about
@@ -177,6 +200,7 @@ def train(
         static=channels,
         input_climatology=clim_in,
         output_climatology=clim_out,
+        load=opts.in_memory,
     )
     dsr = Downscaler.from_config(
         config,
@@ -217,6 +241,7 @@ def train(
         scale=tuple(opts.augment_scale) if scaling else None,
         scaled=[config.in_vars.index(v) for v in clim_in],
         mix=tuple(opts.augment_mix) if scaling and opts.augment_mix else None,
+        samples=samples_per_epoch,
     )
     val = data.select(val_idx) if len(val_idx) else None
     state = None
@@ -245,6 +270,25 @@ def train(
         history = fit(dsr, crops, val, opts, resume=state, stop_after=stop_after)
     dsr.history = history
     return dsr
+
+
+def _chunked(var: xr.DataArray, time_dim: Hashable) -> xr.DataArray:
+    """``var`` as Dask when it lies in a file (opened without chunks): reductions
+    then stream it instead of loading it whole.  Data in memory or already on
+    Dask are returned as they are."""
+    if in_memory(var) or isinstance(var.variable._data, dask.array.Array):
+        return var
+    return var.chunk({time_dim: 1} if time_dim in var.dims else {})
+
+
+@contextlib.contextmanager
+def _scheduler(client: Any):
+    """Dask computations inside run on ``client``'s cluster (when given)."""
+    if client is None:
+        yield
+    else:
+        with client.as_current():
+            yield
 
 
 def _static_inputs(

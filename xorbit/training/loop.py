@@ -26,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,14 @@ class TrainOptions:
     # torch intra-op threads of each DDP rank, at most; None: the rank's worker's
     # share of its host's cores (one-process training leaves torch's setting alone)
     threads: int | None = None
+    # batches read ahead in a background thread while the model trains (0: none)
+    prefetch: int = 2
+    # validate on at most this many time steps, evenly spaced and the same every
+    # epoch (None: all), read a batch of time steps at a time
+    val_steps: int | None = None
+    # load the training data whole (True), read each sample from its store or
+    # Dask graph (False), or decide by size (None: `samples.IN_MEMORY_BYTES`)
+    in_memory: bool | None = None
 
     @classmethod
     def for_config(cls, config: ReslimConfig, **overrides: Any) -> TrainOptions:
@@ -179,14 +189,49 @@ def validation_sums(
     (tiles, halo blending, periodic longitude, NaN masks), and bicubic is
     `xorbit.regrid.upsample_array`, as ``.orbit.interpolate`` computes it.
     Pixels where the truth or either prediction is missing are left out of
-    both sums.
+    both sums.  Data read sample by sample (`FieldStack`) are read and scored
+    ``batch_size`` time steps at a time.
     """
     cfg = dsr.config
-    if not len(data):  # an empty shard (more DDP ranks than validation steps)
-        return np.zeros((len(cfg.out_vars), 3))
+    total = np.zeros((len(cfg.out_vars), 3))
+    if isinstance(data.coarse, np.ndarray):
+        parts = [(data.coarse, data.fine)] if len(data) else []
+    else:
+        step = max(1, int(batch_size))
+        parts = (
+            (np.asarray(p.coarse), np.asarray(p.fine))
+            for p in (data.select(slice(i, i + step)) for i in range(0, len(data), step))
+        )
+    for coarse, fine in parts:
+        total += _chunk_sums(
+            dsr,
+            coarse,
+            fine,
+            data.periodic,
+            tile=tile,
+            halo=halo,
+            device=device,
+            batch_size=batch_size,
+        )
+    return total
+
+
+def _chunk_sums(
+    dsr: Downscaler,
+    coarse: np.ndarray,
+    fine: np.ndarray,
+    periodic: bool,
+    *,
+    tile: tuple[int, int] | None,
+    halo: tuple[int, int] | None,
+    device: str,
+    batch_size: int,
+) -> np.ndarray:
+    """`validation_sums` of normalized arrays in memory."""
+    cfg = dsr.config
     in_mean, in_std = dsr._stats(cfg.in_vars, 4, 1)
     out_mean, out_std = dsr._stats(cfg.out_vars, 4, 1)
-    coarse = data.coarse * in_std + in_mean  # physical units, NaN kept
+    coarse = coarse * in_std + in_mean  # physical units, NaN kept
     model = dsr.model
     was_training = model.training
     model.eval()  # in eval mode on its device the engine uses it as it is, no copy
@@ -196,7 +241,7 @@ def validation_sums(
             dsr,
             tile=tile,
             halo=halo,
-            periodic=data.periodic,
+            periodic=periodic,
             batch_size=batch_size,
             device=device,
             # the weights change every epoch: no need to hash them for a cache key
@@ -205,8 +250,8 @@ def validation_sums(
     finally:
         model.train(was_training)
     out_idx = [cfg.in_vars.index(v) for v in cfg.out_vars]
-    bicubic = upsample_array(coarse[:, out_idx], cfg.factor, "bicubic", data.periodic)
-    return _error_sums((pred - out_mean) / out_std, (bicubic - out_mean) / out_std, data.fine)
+    bicubic = upsample_array(coarse[:, out_idx], cfg.factor, "bicubic", periodic)
+    return _error_sums((pred - out_mean) / out_std, (bicubic - out_mean) / out_std, fine)
 
 
 def _error_sums(pred: np.ndarray, bicubic: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -220,6 +265,29 @@ def _error_sums(pred: np.ndarray, bicubic: np.ndarray, truth: np.ndarray) -> np.
         out[i, 1] = np.sum((bicubic[:, i][ok] - target) ** 2)
         out[i, 2] = np.count_nonzero(ok)
     return out
+
+
+def _prefetched(load: Callable[[int], Any], n: int, depth: int) -> Iterator[Any]:
+    """``load(0), ..., load(n - 1)`` in order, up to ``depth`` of them read ahead
+    in a background thread (reading the next batches from a store while the
+    model trains on this one)."""
+    if depth <= 0 or n <= 1:
+        for i in range(n):
+            yield load(i)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="xorbit-prefetch") as pool:
+        pending = deque(pool.submit(load, i) for i in range(min(depth, n)))
+        ahead = len(pending)
+        try:
+            while pending:
+                done = pending.popleft()
+                if ahead < n:
+                    pending.append(pool.submit(load, ahead))
+                    ahead += 1
+                yield done.result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -369,6 +437,10 @@ def fit(
     amp = device.type == "cuda"
     ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
     validating = val is not None and len(val) > 0
+    if validating and opts.val_steps is not None and len(val) > opts.val_steps:
+        # a fixed subsample, the same every epoch (and on every rank)
+        keep = np.unique(np.linspace(0, len(val) - 1, max(1, int(opts.val_steps))).round())
+        val = val.select(keep.astype(int))
     if validating and world_size > 1:
         # every rank validates its share of the time steps (a rank that waited
         # for rank 0 to validate everything could time out its collective)
@@ -385,8 +457,12 @@ def fit(
 
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False)
         running = 0.0
-        for step in range(steps_per_epoch):
-            x, y, lat = train.batch(local[step * local_batch : (step + 1) * local_batch])
+        batches = _prefetched(
+            lambda s, local=local: train.batch(local[s * local_batch : (s + 1) * local_batch]),
+            steps_per_epoch,
+            opts.prefetch,
+        )
+        for step, (x, y, lat) in enumerate(batches):
             x, y = x.to(device), y.to(device)
             lw = _lat_weights(lat, train.data.fine_lat).to(device) if opts.lat_weighted else None
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):

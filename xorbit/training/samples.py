@@ -2,16 +2,20 @@
 
 The xarray side (`coarsen`, `compute_stats`, `pair_arrays`, `split_time`)
 checks that a coarse and a fine object describe the same cells and turns them
-into plain arrays; the torch side (`PairedCrops`) cuts exactly co-located random
-crops from those arrays (fine crop = coarse crop × factor), deterministic in
-``(seed, epoch, index)`` so that every DDP rank and every resumed run sees the
-same samples.
+into arrays ``[T, C, h, w]``: plain numpy when the data are small or already in
+memory, else a `FieldStack` that reads and normalizes only the pieces asked for
+(straight from a zarr store or a Dask graph, nothing loaded whole).  The torch
+side (`PairedCrops`) cuts exactly co-located random crops from those arrays
+(fine crop = coarse crop × factor), deterministic in ``(seed, epoch, index)``
+so that every DDP rank and every resumed run sees the same samples; each rank
+reads only its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dask
 import numpy as np
@@ -22,6 +26,8 @@ from .. import grid
 from ..variables import as_dataset, gather
 
 __all__ = [
+    "IN_MEMORY_BYTES",
+    "FieldStack",
     "PairedArrays",
     "PairedCrops",
     "coarsen",
@@ -80,6 +86,118 @@ def compute_stats(
     return mean, std
 
 
+# Data not yet in memory are loaded whole when coarse and fine together take at
+# most this many bytes (float32); larger ones are read sample by sample.
+IN_MEMORY_BYTES = 256 * 2**20
+
+
+def in_memory(var: xr.DataArray) -> bool:
+    """Whether ``var``'s values are already a numpy array (not Dask, not a file)."""
+    return isinstance(var.variable._data, np.ndarray)
+
+
+def _read(data: Any, key: tuple) -> np.ndarray:
+    """``data[key]`` as numpy: a Dask array is computed right here, synchronously.
+
+    Inside a DDP rank (a Dask task) the default scheduler would be the
+    cluster's: a rank reads its own samples, it does not ship them around.
+    """
+    if isinstance(data, dask.array.Array):
+        return np.asarray(data[key].compute(scheduler="synchronous"))
+    if isinstance(data, np.ndarray):
+        return data[key]
+    return np.asarray(data[key].values)  # a lazily indexed xarray Variable
+
+
+class FieldStack:
+    """A stack ``[T, C, h, w]`` of normalized fields, read only where indexed.
+
+    Each channel is a ``(time, y, x)`` or ``(y, x)`` source (an xarray
+    Variable backed by a file, a zarr store or Dask; or numpy), with an
+    optional per-pixel climatology subtracted and a mean and standard deviation
+    normalizing it, exactly as `pair_arrays` does for data in memory.  Indexing
+    with ``[t, :, ys, xs]`` (``t`` an int) reads that crop of every channel;
+    ``[index]`` (a slice or an array along time) gives a lazy view;
+    ``np.asarray`` reads everything in view.  Pickles small: the sources, not
+    their values, travel to DDP ranks.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Any],
+        climatologies: Sequence[np.ndarray | None],
+        mean: Sequence[float],
+        std: Sequence[float],
+        n_time: int,
+        times: np.ndarray | None = None,
+    ) -> None:
+        self.sources = list(sources)
+        self.climatologies = list(climatologies)
+        self.mean, self.std = list(mean), list(std)
+        self.n_time = int(n_time)
+        self.times = np.arange(self.n_time) if times is None else np.asarray(times)
+        first = self.sources[0]
+        self.hw = tuple(int(s) for s in first.shape[-2:])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.times), len(self.sources), *self.hw)
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def _channel(self, c: int, t: Any, ys: slice, xs: slice) -> np.ndarray:
+        src = self.sources[c]
+        key = (t, ys, xs) if src.ndim == 3 else (ys, xs)
+        a = _read(src, key)
+        if src.ndim == 2 and not np.isscalar(t):
+            a = np.broadcast_to(a, (len(t), *a.shape))
+        clim = self.climatologies[c]
+        if clim is not None:
+            a = a - clim[ys, xs]
+        # the very operations `pair_arrays` applies to data in memory, so both
+        # give the same numbers to the bit
+        return (np.asarray(a, np.float32) - self.mean[c]) / self.std[c]
+
+    def __getitem__(self, key: Any) -> Any:
+        if not isinstance(key, tuple):
+            # along time: a view, read later
+            return FieldStack(
+                self.sources,
+                self.climatologies,
+                self.mean,
+                self.std,
+                self.n_time,
+                self.times[key],
+            )
+        t, c, ys, xs = key
+        if c != slice(None) or not isinstance(t, (int, np.integer)):
+            raise IndexError("FieldStack reads [t, :, y-slice, x-slice] with an integer t")
+        pos = int(self.times[t])
+        return np.stack([self._channel(i, pos, ys, xs) for i in range(len(self.sources))]).astype(
+            np.float32, copy=False
+        )
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        pos = np.asarray(self.times)
+        every = slice(None)
+        if len(pos) == 0:
+            out = np.zeros(self.shape, np.float32)
+        else:
+            out = np.stack(
+                [self._channel(i, pos, every, every) for i in range(len(self.sources))], axis=1
+            ).astype(np.float32, copy=False)
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class PairedArrays:
     """Normalized numpy training arrays.
@@ -89,8 +207,8 @@ class PairedArrays:
     ``periodic`` whether the longitude wraps around (validation tiles it so).
     """
 
-    coarse: np.ndarray
-    fine: np.ndarray
+    coarse: np.ndarray | FieldStack
+    fine: np.ndarray | FieldStack
     fine_lat: np.ndarray
     times: np.ndarray
     periodic: bool = False
@@ -117,6 +235,7 @@ def pair_arrays(
     static: xr.Dataset | None = None,
     input_climatology: Mapping[str, xr.DataArray] | None = None,
     output_climatology: Mapping[str, xr.DataArray] | None = None,
+    load: bool | None = None,
 ) -> PairedArrays:
     """Check that ``coarse`` and ``fine`` line up and return normalized arrays.
 
@@ -126,6 +245,11 @@ def pair_arrays(
     hundredth of a fine cell).  Static input channels not in ``coarse`` are
     read from ``static``.  The climatologies (on the coarse grid for inputs,
     the fine grid for outputs) are subtracted before normalizing.
+
+    ``load``: ``True`` reads everything into memory now, ``False`` returns
+    `FieldStack` arrays that read each sample when asked for (from a zarr
+    store, a file or a Dask graph), ``None`` (default) loads data already in
+    memory or smaller than `IN_MEMORY_BYTES`, and streams the rest.
 
     Raises
     ------
@@ -171,30 +295,62 @@ def pair_arrays(
     )
     ref = f_arrays[0]
     times = ref[time_dim].values if time_dim in ref.dims else np.arange(1)
+    n_time = len(times)
+    c_names, f_names = list(in_vars), list(out_vars)
+    c_clim, f_clim = input_climatology or {}, output_climatology or {}
 
-    def stack(arrays, names, y, x, clim):
+    def arranged(arrays, names, y, x):
         out = []
         for a, n in zip(arrays, names, strict=True):
-            if n in clim:
-                a = a - clim[n]
-            if time_dim not in a.dims:
-                a = a.expand_dims({time_dim: len(times)})
             extra = [d for d in a.dims if d not in (time_dim, y, x)]
             if extra:
                 raise ValueError(
                     f"variable {n!r} has dims {extra} besides time and space; select them first"
                 )
-            a = a.transpose(time_dim, y, x)
+            out.append(a.transpose(*[d for d in (time_dim, y, x) if d in a.dims]))
+        return out
+
+    c_arrays = arranged(c_arrays, c_names, ydim, xdim)
+    f_arrays = arranged(f_arrays, f_names, fy, fx)
+    total = 4 * n_time * sum(int(np.prod(a.shape[-2:])) for a in [*c_arrays, *f_arrays])
+    dynamic_in_memory = all(in_memory(a) for a in [*c_arrays, *f_arrays] if time_dim in a.dims)
+    load = load if load is not None else (dynamic_in_memory or total <= IN_MEMORY_BYTES)
+
+    def stack(arrays, names, clim):
+        if not load:
+            return FieldStack(
+                [_source(a) for a in arrays],
+                [np.asarray(clim[n].values, np.float32) if n in clim else None for n in names],
+                [mean[n] for n in names],
+                [std[n] for n in names],
+                n_time,
+            )
+        out = []
+        for a, n in zip(arrays, names, strict=True):
+            if n in clim:
+                a = a - clim[n]
+            if time_dim not in a.dims:
+                a = a.expand_dims({time_dim: n_time})
             out.append((np.asarray(a.values, np.float32) - mean[n]) / std[n])
         return np.stack(out, axis=1).astype(np.float32)
 
     return PairedArrays(
-        coarse=stack(c_arrays, list(in_vars), ydim, xdim, input_climatology or {}),
-        fine=stack(f_arrays, list(out_vars), fy, fx, output_climatology or {}),
+        coarse=stack(c_arrays, c_names, c_clim),
+        fine=stack(f_arrays, f_names, f_clim),
         fine_lat=np.asarray(fds[fy].values, np.float64),
         times=np.asarray(times),
         periodic=bool(grid.is_global_longitude(cds[xdim], cds)),
     )
+
+
+def _source(a: xr.DataArray) -> Any:
+    """What a `FieldStack` reads ``a`` from: its numpy or Dask array, else its
+    lazily indexed Variable (a file opened without chunks: never ``.data``, which
+    would load it whole)."""
+    data = a.variable._data
+    if isinstance(data, np.ndarray | dask.array.Array):
+        return data
+    return a.variable
 
 
 def split_time(n: int, val_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +375,9 @@ class PairedCrops(torch.utils.data.Dataset):
 
     Item ``i`` of epoch ``e`` is a crop of time step ``i % T`` at an offset drawn
     from a generator seeded with ``(seed, e, i)``: the same on every rank and
-    after a resume.  Returns ``(coarse [C, ch, cw] with NaN as 0, fine [V, ch k,
+    after a resume.  With ``samples=N`` an epoch has N items, each of a time
+    step drawn from that generator too (for sets too large to see whole every
+    epoch).  Returns ``(coarse [C, ch, cw] with NaN as 0, fine [V, ch k,
     cw k] with NaN kept, row latitudes [ch k])``.
 
     ``scale=(lo, hi)`` multiplies the input channels ``scaled`` and the target
@@ -240,7 +398,11 @@ class PairedCrops(torch.utils.data.Dataset):
         scale: tuple[float, float] | None = None,
         scaled: Sequence[int] = (),
         mix: tuple[float, float] | None = None,
+        samples: int | None = None,
     ) -> None:
+        if samples is not None and int(samples) < 1:
+            raise ValueError(f"samples_per_epoch must be a positive integer, got {samples!r}")
+        self.samples = None if samples is None else int(samples)
         self.mix = None if mix is None else (float(mix[0]), float(mix[1]))
         self.data, self.factor, self.seed = data, int(factor), int(seed)
         self.scale = None if scale is None else (float(scale[0]), float(scale[1]))
@@ -254,13 +416,22 @@ class PairedCrops(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
+        if self.samples is not None:
+            return self.samples
         return len(self.data) * self.crops_per_time
 
     def __getitem__(self, i: int):
-        t = i % len(self.data)
         h, w = self.data.coarse.shape[-2:]
         ch, cw = self.crop
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        if self.samples is None:
+            t = i % len(self.data)
+        else:
+            # drawn after the offsets' generator is made, from a generator of its
+            # own: the crops of the default epochs are those of earlier versions
+            t = int(
+                np.random.default_rng([self.seed, self.epoch, int(i), 1]).integers(len(self.data))
+            )
         y0 = int(rng.integers(0, h - ch + 1))
         x0 = int(rng.integers(0, w - cw + 1))
         k = self.factor
