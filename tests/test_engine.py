@@ -165,3 +165,59 @@ def test_the_same_call_builds_the_same_graph():
     with torch.no_grad():
         next(other.model.parameters()).add_(1.0)
     assert downscale_array(x, other, tile=4, halo=2).name != a.name
+
+
+def test_each_output_chunk_costs_a_few_tasks():
+    """Stage 1 gathers its halo itself and stage 2 denormalizes: no overlap,
+    slicing or masking tasks (the overlap version made ~100 per chunk)."""
+    dsr = three_outputs()
+    x = da.from_array(coarse((6, 4, 24, 32)), chunks=(1, 4, 8, 8))
+    out = downscale_array(x, dsr, tile=4, halo=2)
+    n_chunks = int(np.prod(out.numblocks))
+    (opt,) = dask.optimize(out)
+    tasks = len(dict(opt.__dask_graph__()))
+    # input (1 per block here) + stage 1 + stage 2, plus the model
+    assert tasks <= 3 * n_chunks + 1, tasks / n_chunks
+    eager = downscale_array(np.asarray(x), dsr, tile=4, halo=2, device="cpu")
+    np.testing.assert_allclose(out.compute(), eager, rtol=0, atol=1e-4)
+
+
+@pytest.mark.distributed
+def test_a_model_reaches_the_workers_once_not_in_the_graph():
+    import pickle
+    import time
+
+    distributed = pytest.importorskip("distributed")
+    names = ["tas", "orog"]
+    cfg = xorbit.ReslimConfig.preset(
+        "126m", in_vars=names, out_vars=["tas"], static_vars=["orog"], img_size=(8, 8)
+    )
+    dsr = xorbit.Downscaler.from_config(
+        cfg, seed=0, mean={"tas": 280.0, "orog": 500.0}, std={"tas": 10.0, "orog": 100.0}
+    )
+    weights_mb = sum(p.numel() * 4 for p in dsr.model.parameters()) / 2**20
+    assert weights_mb > 400
+    x = da.from_array(coarse((2, 2, 16, 16)), chunks=(1, 2, 8, 8))
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = downscale_array(x, dsr, tile=4, halo=2)
+        graph_mb = len(pickle.dumps(dict(out.__dask_graph__()))) / 2**20
+        assert graph_mb < 2, graph_mb
+        again = downscale_array(x + 1, dsr, tile=4, halo=2)
+        scattered = [k for k in client.who_has() if "ModelHandle" in str(k)]
+        assert len(scattered) == 1  # both graphs point at one scattered model
+        got, got2 = dask.compute(out, again)
+        del out, again  # graphs hold the model's future: it lives as long as they do
+        clear_cache()  # and then it is released (asynchronously)
+        for _ in range(100):
+            if not any("ModelHandle" in str(k) for k in client.who_has()):
+                break
+            time.sleep(0.05)
+        assert not any("ModelHandle" in str(k) for k in client.who_has())
+    eager = downscale_array(np.asarray(x), dsr, tile=4, halo=2, device="cpu")
+    np.testing.assert_allclose(got, eager, rtol=0, atol=1e-4)
+    assert np.abs(got2 - got).max() > 0

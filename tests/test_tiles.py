@@ -3,7 +3,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xorbit.tiles import AxisPlan, TilePlan, apply_tiled, block_chunks, fold, merge, split
+from xorbit.tiles import (
+    AxisPlan,
+    TilePlan,
+    apply_tiled,
+    block_chunks,
+    fold,
+    gather_halo,
+    merge,
+    pad_halo,
+    split,
+)
 
 
 def upsample(k):
@@ -131,3 +141,28 @@ def test_bad_plans_are_named():
         AxisPlan(5, 2, -1)
     with pytest.raises(ValueError, match="factor must be >= 1"):
         TilePlan.build((4, 4), 2, 1, 0)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_a_block_gathers_its_halo_from_its_neighbours_as_the_whole_array_pads(periodic):
+    rng = np.random.default_rng(0)
+    field_ = rng.normal(size=(2, 3, 13, 17))
+    plan = TilePlan.build((13, 17), (3, 4), (2, 3), 4, periodic=(False, periodic))
+    ys, xs = (5, 4, 4), (6, 5, 6)  # every chunk at least as long as the halo
+    yo, xo = np.cumsum((0, *ys)), np.cumsum((0, *xs))
+    blocks = [
+        [field_[..., yo[i] : yo[i + 1], xo[j] : xo[j + 1]] for j in range(3)] for i in range(3)
+    ]
+    whole = pad_halo(field_, plan)
+    for iy in range(3):
+        for ix in range(3):
+            grid = [[None] * 3 for _ in range(3)]
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    jy, jx = iy + dy, ix + dx
+                    jx = jx % 3 if periodic else jx
+                    if 0 <= jy < 3 and 0 <= jx < 3:
+                        grid[dy + 1][dx + 1] = blocks[jy][jx]
+            got = gather_halo(grid, (2, 3))
+            want = whole[..., yo[iy] : yo[iy + 1] + 4, xo[ix] : xo[ix + 1] + 6]
+            np.testing.assert_array_equal(got, want)

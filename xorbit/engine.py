@@ -18,6 +18,7 @@ process and device (`get`), however many tasks use it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -38,7 +39,16 @@ from ._threads import thread_share, torch_threads
 from .model.checkpoint import weights_hash
 from .model.config import ReslimConfig
 from .model.reslim import Reslim
-from .tiles import TilePlan, block_chunks, fold, fold_alone, merge, pad_halo, split
+from .tiles import (
+    TilePlan,
+    block_chunks,
+    fold,
+    fold_alone,
+    gather_halo,
+    merge,
+    pad_halo,
+    split,
+)
 
 if TYPE_CHECKING:
     from .downscaler import Downscaler
@@ -62,6 +72,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CACHE_SIZE = 4
 _CACHE: OrderedDict[tuple[str, str], Reslim] = OrderedDict()
 _LOCK = threading.Lock()
+# Handles scattered to a distributed cluster, per (client id, model key): a model
+# reaches the workers once, not once per graph.
+_SCATTERED: dict[tuple[str, str], Any] = {}
 
 
 def default_device() -> str:
@@ -76,12 +89,14 @@ def default_device() -> str:
 def clear_cache() -> int:
     """Drop every model held by `ModelHandle` in this process; returns how many.
 
-    Under a distributed client, ``client.run(xorbit.engine.clear_cache)`` does it
-    on every worker.
+    Models scattered to a distributed cluster are released too.  Under a
+    distributed client, ``client.run(xorbit.engine.clear_cache)`` also empties
+    every worker's cache.
     """
     with _LOCK:
         n = len(_CACHE)
         _CACHE.clear()
+        _SCATTERED.clear()  # releasing the futures frees the workers' copies
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return n
@@ -418,62 +433,134 @@ def _downscale_dask(raw: da.Array, out_idx: list[int], run: dict, finish: dict) 
     ychunks = block_chunks(plan.y, raw.chunks[-2][0])
     xchunks = block_chunks(plan.x, raw.chunks[-1][0])
     raw = raw.rechunk((*raw.chunks[:n_lead], raw.shape[-3], ychunks, xchunks))
-    ax_y, ax_x = raw.ndim - 2, raw.ndim - 1
-    x_boundary = "periodic" if plan.x.periodic else "nearest"
-    ext = da.overlap.overlap(
-        raw, depth={ax_y: hy, ax_x: hx}, boundary={ax_y: "nearest", ax_x: x_boundary}
-    )
     handle: ModelHandle = run.pop("handle")
-    # the model is one node of the graph, every block task depends on it
-    node = dask.delayed(handle, pure=True, name=f"xorbit-model-{handle.key[:16]}")
-    lead_chunks = raw.chunks[:n_lead]
-    partial = ext.map_blocks(
-        _stage1,
-        node,
-        ychunks=tuple(int(c) for c in ychunks),
-        xchunks=tuple(int(c) for c in xchunks),
-        chunks=(
-            *lead_chunks,
-            (n_out,),
-            tuple((c + 2 * hy) * k for c in ychunks),
-            tuple((c + 2 * hx) * k for c in xchunks),
-        ),
-        dtype=np.float32,
-        meta=np.array((), np.float32),
-        token="xorbit-tiles",
-        **run,
-    )
-    out = _fold_neighbours(
+    partial = _stage1_graph(raw, _model_node(handle), plan, n_out, run)
+    return _fold_neighbours(
         partial,
         (hy * k, hx * k),
         periodic_x=plan.x.periodic,
         chunks=(
-            *lead_chunks,
+            *raw.chunks[:n_lead],
             (n_out,),
             tuple(c * k for c in ychunks),
             tuple(c * k for c in xchunks),
         ),
+        coarse=raw,
+        finish=functools.partial(_finish_block, out_idx=tuple(out_idx), **finish),
     )
-    coarse = raw[..., out_idx, :, :].rechunk({n_lead: n_out})
-    # map_blocks pairs blocks by index: the output's are k times the coarse ones
-    return da.map_blocks(
-        _finish,
-        out,
-        coarse,
-        dtype=np.float32,
-        meta=np.array((), np.float32),
-        token="xorbit-finish",
-        **finish,
+
+
+def _finish_block(out: np.ndarray, raw: np.ndarray, *, out_idx: tuple, **finish: Any) -> np.ndarray:
+    """`_finish` with the NaN mask of the output variables' coarse inputs."""
+    return _finish(out, raw[..., list(out_idx), :, :], **finish)
+
+
+def _model_node(handle: ModelHandle) -> Any:
+    """What the graph's tasks take the model from.
+
+    Under a distributed client: a future of the handle, scattered once per
+    model and client and kept for later calls (the graph holds its key, a few
+    bytes; each worker fetches the weights once).  Otherwise one delayed node
+    every block task depends on (the local schedulers do not pickle it).
+    """
+    client = _current_client()
+    if client is None:
+        return dask.delayed(handle, pure=True, name=f"xorbit-model-{handle.key[:16]}")
+    key = (client.id, handle.key)
+    with _LOCK:
+        future = _SCATTERED.get(key)
+        if future is None or future.status != "finished":
+            future = client.scatter(handle, hash=False)
+            _SCATTERED[key] = future
+    return future
+
+
+def _current_client() -> Any:
+    """The current ``distributed`` client, if that package is there and one is set."""
+    try:
+        from distributed import default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def _stage1_graph(raw: da.Array, node: Any, plan: TilePlan, n_out: int, run: dict) -> da.Array:
+    """Stage 1 as one task per block: gather the halo from the (up to) 3 x 3
+    neighbouring input blocks, normalize, fill NaN and predict the block's
+    partial (`_stage1`).
+
+    Equivalent to ``overlap`` + ``map_blocks``, without the dozens of slicing
+    and concatenation tasks per block ``overlap`` makes.
+    """
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    k = plan.factor
+    hy, hx = plan.halo
+    n_lead = raw.ndim - 3
+    ychunks, xchunks = raw.chunks[-2], raw.chunks[-1]
+    handle_key = node.key
+    name = "xorbit-tiles-" + tokenize(raw.name, handle_key, plan, run)
+    task = functools.partial(_stage1, halo=(hy, hx), **run)
+    ny, nx = len(ychunks), len(xchunks)
+    yoff = np.concatenate([[0], np.cumsum(ychunks)]).astype(int)
+    xoff = np.concatenate([[0], np.cumsum(xchunks)]).astype(int)
+    dsk: dict = {}
+    for idx in itertools.product(*[range(n) for n in raw.numblocks[:n_lead]]):
+        for iy in range(ny):
+            for ix in range(nx):
+                grid_keys = _neighbour_keys(raw.name, (*idx, 0), iy, ix, (ny, nx), plan.x.periodic)
+                origin = (int(yoff[iy]), int(xoff[ix]))
+                core = (int(ychunks[iy]), int(xchunks[ix]))
+                ref = node if _is_future(node) else handle_key
+                dsk[(name, *idx, 0, iy, ix)] = (task, grid_keys, ref, origin, core)
+    deps = [raw] if _is_future(node) else [raw, node]
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    chunks = (
+        *raw.chunks[:n_lead],
+        (n_out,),
+        tuple((c + 2 * hy) * k for c in ychunks),
+        tuple((c + 2 * hx) * k for c in xchunks),
     )
+    return da.Array(graph, name, chunks, meta=np.array((), np.float32))
+
+
+def _neighbour_keys(
+    name: str, lead: tuple, iy: int, ix: int, blocks: tuple[int, int], periodic_x: bool
+) -> list[list[tuple | None]]:
+    """Keys of the 3 x 3 blocks around block ``(iy, ix)`` of array ``name``;
+    ``None`` beyond a non-periodic edge, wrapped around a periodic x axis."""
+    ny, nx = blocks
+    grid_keys = []
+    for dy in (-1, 0, 1):
+        row = []
+        for dx in (-1, 0, 1):
+            jy, jx = iy + dy, ix + dx
+            if periodic_x:
+                jx %= nx
+            row.append((name, *lead, jy, jx) if 0 <= jy < ny and 0 <= jx < nx else None)
+        grid_keys.append(row)
+    return grid_keys
+
+
+def _is_future(node: Any) -> bool:
+    return type(node).__name__ == "Future"
+
+
+def _fold_finish(grid: list, depth: tuple[int, int], coarse: np.ndarray, finish: Any) -> np.ndarray:
+    return finish(fold(grid, depth), coarse)
 
 
 def _stage1(
-    block: np.ndarray,
+    neighbours: list,
     handle: ModelHandle,
+    origin: tuple[int, int],
+    core_shape: tuple[int, int],
     *,
-    ychunks: tuple[int, ...],
-    xchunks: tuple[int, ...],
-    block_id: tuple[int, ...] | None = None,
+    halo: tuple[int, int],
     **run: Any,
 ) -> np.ndarray:
     """One block of stage 1 (module level: tasks pickle small, never the model).
@@ -481,46 +568,45 @@ def _stage1(
     Torch gets this task's share of the cores: the scheduler runs other blocks
     in parallel (`xorbit._threads`).
     """
-    iy, ix = block_id[-2], block_id[-1]
+    block = gather_halo(neighbours, halo)
     with torch_threads(thread_share()):
-        return _predict(
-            block,
-            handle=handle,
-            origin=(sum(ychunks[:iy]), sum(xchunks[:ix])),
-            core_shape=(ychunks[iy], xchunks[ix]),
-            **run,
-        )
+        return _predict(block, handle=handle, origin=origin, core_shape=core_shape, **run)
 
 
 def _fold_neighbours(
-    partial: da.Array, depth: tuple[int, int], periodic_x: bool, chunks: tuple
+    partial: da.Array,
+    depth: tuple[int, int],
+    periodic_x: bool,
+    chunks: tuple,
+    coarse: da.Array,
+    finish: Any,
 ) -> da.Array:
-    """Stage 2 as one task per output block, reading its (up to) 3 x 3 neighbours.
+    """Stage 2 as one task per output block: fold the strips of its (up to)
+    3 x 3 neighbours into it, denormalize and mask it (``finish(folded,
+    coarse block)``).
 
-    Equivalent to ``overlap(partial, depth)`` + slicing, which makes dozens of
-    slicing and concatenation tasks per block; holding that graph was the main
-    memory cost of streaming large outputs.
+    Equivalent to ``overlap(partial, depth)`` + slicing + ``map_blocks``, which
+    makes dozens of slicing and concatenation tasks per block; holding that
+    graph was the main memory cost of streaming large outputs.
     """
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
 
-    name = "xorbit-fold-" + tokenize(partial, depth, periodic_x)
+    name = "xorbit-fold-" + tokenize(partial.name, depth, periodic_x, coarse.name, finish)
     ny, nx = partial.numblocks[-2], partial.numblocks[-1]
     lead_blocks = [range(n) for n in partial.numblocks[:-2]]
     dsk = {}
     for idx in itertools.product(*lead_blocks):
         for iy in range(ny):
             for ix in range(nx):
-                grid_keys = []
-                for dy in (-1, 0, 1):
-                    row = []
-                    for dx in (-1, 0, 1):
-                        jy, jx = iy + dy, ix + dx
-                        if periodic_x:
-                            jx %= nx
-                        ok = 0 <= jy < ny and 0 <= jx < nx
-                        row.append((partial.name, *idx, jy, jx) if ok else None)
-                    grid_keys.append(row)
-                dsk[(name, *idx, iy, ix)] = (fold, grid_keys, depth)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[partial])
+                grid_keys = _neighbour_keys(partial.name, idx, iy, ix, (ny, nx), periodic_x)
+                # the channel axis is one block in both: idx ends with 0
+                dsk[(name, *idx, iy, ix)] = (
+                    _fold_finish,
+                    grid_keys,
+                    depth,
+                    (coarse.name, *idx, iy, ix),
+                    finish,
+                )
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[partial, coarse])
     return da.Array(graph, name, chunks, meta=np.array((), np.float32))

@@ -43,6 +43,7 @@ __all__ = [
     "block_chunks",
     "fold",
     "fold_alone",
+    "gather_halo",
     "merge",
     "pad_halo",
     "split",
@@ -307,6 +308,50 @@ def fold(neighbours: Sequence[Sequence[np.ndarray | None]], depth: tuple[int, in
             (src_y, dst_y), (src_x, dst_x) = ys, xs
             out[..., dst_y, dst_x] += nb[..., src_y, src_x]
     return out
+
+
+def gather_halo(
+    neighbours: Sequence[Sequence[np.ndarray | None]],
+    halo: tuple[int, int],
+) -> np.ndarray:
+    """A block extended by its halo, from its 3 x 3 neighbours: stage 1's input.
+
+    ``neighbours`` is the 3 x 3 grid of blocks ``[..., ny_i, nx_j]`` around a
+    block (``neighbours[1][1]``), ``None`` beyond a non-periodic edge, where the
+    edge values are repeated (as `pad_halo` does for a whole array; on a
+    periodic axis the caller passes the wrapped-around neighbours).  Each
+    neighbour must be at least ``halo`` long where it is read.
+    """
+    hy, hx = halo
+
+    def row(i: int, rows: slice) -> np.ndarray | None:
+        centre = neighbours[i][1]
+        if centre is None:
+            return None
+        parts = [centre[..., rows, :]]
+        if hx:
+            left, right = neighbours[i][0], neighbours[i][2]
+            mid = parts[0]
+            parts.insert(0, left[..., rows, -hx:] if left is not None else _edge(mid, -1, hx, 0))
+            parts.append(right[..., rows, :hx] if right is not None else _edge(mid, -1, hx, -1))
+        return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+    middle = row(1, slice(None))
+    if not hy:
+        return middle
+    top = row(0, slice(-hy, None))
+    bottom = row(2, slice(0, hy))
+    top = top if top is not None else _edge(middle, -2, hy, 0)
+    bottom = bottom if bottom is not None else _edge(middle, -2, hy, -1)
+    return np.concatenate([top, middle, bottom], axis=-2)
+
+
+def _edge(a: np.ndarray, axis: int, n: int, at: int) -> np.ndarray:
+    """The first (``at=0``) or last (``at=-1``) slice of ``a`` along ``axis``,
+    repeated ``n`` times."""
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(0, 1) if at == 0 else slice(-1, None)
+    return np.repeat(a[tuple(index)], n, axis=axis)
 
 
 def pad_halo(field_: np.ndarray, plan: TilePlan) -> np.ndarray:
