@@ -132,7 +132,7 @@ def test_precision_can_be_chosen():
 def test_torch_threads_are_the_tasks_share(monkeypatch):
     """Dask threads x torch threads must not exceed the cores."""
     dsr = three_outputs()
-    monkeypatch.setattr(engine, "thread_share", lambda: 1)
+    monkeypatch.setattr(engine, "thread_share", lambda **kw: 1)
     before = torch.get_num_threads()
     spy = ForwardSpy(monkeypatch)
     lazy = downscale_array(da.from_array(coarse(), chunks=(1, 4, 12, 8)), dsr, tile=4, halo=2)
@@ -140,6 +140,25 @@ def test_torch_threads_are_the_tasks_share(monkeypatch):
         lazy.compute()
     assert spy.calls >= 4 and set(spy.threads) == {1}
     assert torch.get_num_threads() == before  # restored when the last task ended
+
+
+def test_fewer_blocks_than_dask_threads_leave_their_cores_to_the_model(monkeypatch):
+    """One whole-field block under the threaded scheduler ran torch on one core
+    of two (1.5x slower than eager input, bench_speed_ratio)."""
+    from xorbit import _threads
+
+    monkeypatch.setattr(_threads, "available_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _threads.thread_share(2) == 2
+    assert _threads.thread_share(2, tasks=1) == 4
+    assert _threads.thread_share(2, tasks=7) == 2
+    seen = []
+    real = engine.thread_share
+    monkeypatch.setattr(engine, "thread_share", lambda **kw: seen.append(kw) or real(**kw))
+    dsr = three_outputs()
+    downscale_array(da.from_array(coarse(), chunks=(2, 4, 12, 16)), dsr, tile=4, halo=2).compute()
+    downscale_array(da.from_array(coarse(), chunks=(1, 4, 12, 8)), dsr, tile=4, halo=2).compute()
+    assert {kw["tasks"] for kw in seen} == {1, 4}
 
 
 def test_two_downscales_in_one_graph_do_not_collide():

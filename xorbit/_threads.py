@@ -43,9 +43,16 @@ def _dask_threads() -> int:
     return max(1, int(dask.config.get("num_workers", None) or available_cores()))
 
 
-def thread_share(dask_threads: int | None = None) -> int:
-    """Torch threads one task may use: cores // concurrent Dask threads (at least 1)."""
+def thread_share(dask_threads: int | None = None, tasks: int | None = None) -> int:
+    """Torch threads one task may use: cores // concurrent Dask threads (at least 1).
+
+    ``tasks``: how many such tasks the graph has at most; fewer tasks than Dask
+    threads leave threads idle, whose cores the tasks may use (one whole-field
+    block under the threaded scheduler gets every core, not one).
+    """
     n = dask_threads if dask_threads is not None else _dask_threads()
+    if tasks is not None:
+        n = min(n, max(1, int(tasks)))
     share = max(1, available_cores() // max(1, n))
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:

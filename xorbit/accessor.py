@@ -296,8 +296,9 @@ class _OrbitBase:
             one tile without halo, as `xorbit.train` cropped it.
         halo
             Context read around each tile core, in coarse pixels; overlapping
-            predictions are blended over ``2 * halo``.  Default: an eighth of
-            the training size, at least one.
+            predictions are blended over ``2 * halo``.  Default: a
+            thirty-second of the training size, at least one (``(1, 2)`` for
+            a 32 x 64 window).
         batch_size
             Tiles per model call.
         device
