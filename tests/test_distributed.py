@@ -41,3 +41,20 @@ def test_thread_shares_split_each_hosts_cores_over_its_dask_threads():
     # a host's cores come from any of its workers; a host none reported gets no limit
     workers = {"a": w("h1", 1), "b": w("h1", 1), "c": w("h2", 1)}
     assert _thread_shares(workers, {"a": 4}) == {"a": 2, "b": 2, "c": None}
+
+
+def test_each_rank_takes_its_own_gpu():
+    """Rank % device count put two ranks on one GPU under dask-cuda, which shows
+    each worker its own GPU first."""
+    from xorbit.training.distributed import _gpu_indices
+
+    info = {w: {"host": "h"} for w in ("a", "b", "c")}
+    rotated = {"a": "0,1,2", "b": "1,2,0", "c": "2,0,1"}  # LocalCUDACluster
+    assert _gpu_indices(["a", "b", "c"], info, rotated) == {"a": 0, "b": 0, "c": 0}
+    shared = dict.fromkeys(info, "0,1,2")  # every worker sees every GPU
+    assert _gpu_indices(["a", "b", "c"], info, shared) == {"a": 0, "b": 1, "c": 2}
+    unset = dict.fromkeys(info)
+    assert _gpu_indices(["a", "b", "c"], info, unset) == {"a": 0, "b": 1, "c": 2}
+    # two hosts: the place among the host's own ranks, not the global rank
+    two = {"a": {"host": "h1"}, "b": {"host": "h2"}, "c": {"host": "h2"}}
+    assert _gpu_indices(["a", "b", "c"], two, unset) == {"a": 0, "b": 0, "c": 1}

@@ -275,6 +275,11 @@ def test_each_rank_limits_torch_threads_to_its_workers_share(client):
         # an explicit count replaces the share
         fit_distributed(client, dsr, crops, None, opts.replace(threads=1), rank_results=results)
         assert [r["threads"] for r in results] == [1, 1]
+        # a worker the nanny started at one thread (OMP_NUM_THREADS=1) does not
+        # hold its rank to one: the count is set, not capped (it was capped)
+        client.run(torch.set_num_threads, 1)
+        fit_distributed(client, dsr, crops, None, opts.replace(threads=2), rank_results=results)
+        assert [r["threads"] for r in results] == [2, 2]
     finally:
         for worker, n in before.items():
             client.run(torch.set_num_threads, n, workers=[worker])

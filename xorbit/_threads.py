@@ -61,18 +61,21 @@ def thread_share(dask_threads: int | None = None, tasks: int | None = None) -> i
 
 
 @contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None, cap: bool = True) -> Iterator[None]:
     """Run the block with at most ``n`` torch intra-op threads (``None``: unchanged).
 
     Torch's CPU build keeps this setting per calling thread (OpenMP), so each
     Dask task sets its own and restores it afterwards; concurrent tasks do not
-    undo each other's limit.
+    undo each other's limit.  ``cap`` (default) never raises the count above
+    the thread's current one; ``cap=False`` sets ``n`` as it is, for a DDP rank,
+    the only task of its worker, whose process the Dask nanny started with
+    ``OMP_NUM_THREADS=1`` (and torch at one thread).
     """
     if n is None:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(int(n), before)))
+    torch.set_num_threads(max(1, int(n) if not cap else min(int(n), before)))
     try:
         yield
     finally:

@@ -35,9 +35,10 @@ provided every worker can reach rank 0's worker host on a TCP port.
 from __future__ import annotations
 
 import datetime
+import os
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -101,6 +102,36 @@ def _thread_shares(
     return shares
 
 
+def _visible_devices() -> str | None:
+    """This worker's ``CUDA_VISIBLE_DEVICES``."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _gpu_indices(
+    workers: Sequence[str],
+    info: Mapping[str, Mapping[str, Any]],
+    visible: Mapping[str, str | None],
+) -> dict[str, int]:
+    """The device index each rank's worker should take, by worker address.
+
+    dask-cuda's ``LocalCUDACluster`` gives each worker its own
+    ``CUDA_VISIBLE_DEVICES``, rotated so that the worker's GPU comes first:
+    every worker of such a host takes device 0.  Workers of one host that see
+    the same devices take the i-th, i their place among that host's ranks (a
+    global rank modulo the device count put two ranks on one GPU in both cases).
+    """
+    by_host: dict[str, list[str]] = defaultdict(list)
+    for w in workers:
+        by_host[info[w]["host"]].append(w)
+    out: dict[str, int] = {}
+    for ranks in by_host.values():
+        lists = [visible.get(w) for w in ranks]
+        own = len(ranks) > 1 and all(lists) and len(set(lists)) == len(ranks)
+        for i, w in enumerate(ranks):
+            out[w] = 0 if own else i
+    return out
+
+
 def _rendezvous(
     rank: int, world_size: int, name: str, timeout: datetime.timedelta
 ) -> torch.distributed.TCPStore:
@@ -137,13 +168,18 @@ def _rank_main(
     timeout_s: float,
     stop_after: int | None,
     threads: int | None,
+    gpu: int = 0,
 ) -> dict[str, Any]:
-    """One rank: join the group, `fit`, return what the client needs of this rank."""
+    """One rank: join the group, `fit`, return what the client needs of this rank.
+
+    ``gpu``: the index, among the devices this worker sees, of the rank's GPU
+    (`_gpu_indices`).
+    """
     import torch.distributed as dist
 
     use_cuda = opts.device.startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(gpu % torch.cuda.device_count())
         opts = opts.replace(device=f"cuda:{torch.cuda.current_device()}")
     if rank != 0:
         # checkpoint_dir stays: fit gathers every rank's RNG for rank 0 to write
@@ -163,7 +199,7 @@ def _rank_main(
             ids = [torch.cuda.current_device()] if use_cuda else None
             return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-        with torch_threads(threads):
+        with torch_threads(threads, cap=False):
             used = torch.get_num_threads()
             history = fit(
                 dsr,
@@ -223,6 +259,7 @@ def fit_distributed(
         shares = _thread_shares(info, client.run(available_cores))
     else:
         shares = dict.fromkeys(workers, opts.threads)
+    gpus = _gpu_indices(workers, info, client.run(_visible_devices))
     run_id = uuid.uuid4().hex[:8]
     # fresh keys: content-hashed ones would be those of a previous call on the
     # same data, whose release can still be under way (the scatter then hangs)
@@ -239,6 +276,7 @@ def fit_distributed(
             timeout_s,
             stop_after,
             shares.get(w),
+            gpus[w],
             workers=[w],
             allow_other_workers=False,
             pure=False,
