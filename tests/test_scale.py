@@ -16,10 +16,12 @@ NT, NY, NX = 2400, 256, 512  # fine float32: 1.26 GB
 WORKER_MEMORY = 2**30
 
 
-def generated_store(path):
-    """A smooth-plus-noise fine field and its coarse twin, written chunk by chunk."""
-    lat = np.linspace(20.0, 60.0, NY)
-    lon = np.linspace(200.0, 300.0, NX, endpoint=False)
+def generated_store(path, nt=NT, ny=NY, nx=NX):
+    """A smooth-plus-noise fine field and its coarse twin, written chunk by chunk
+    (one time step per chunk) to ``path/fine.zarr`` and ``path/coarse.zarr``;
+    returns their size in bytes."""
+    lat = np.linspace(20.0, 60.0, ny)
+    lon = np.linspace(200.0, 300.0, nx, endpoint=False)
 
     def block(block_info=None):
         (t0, t1), _, _ = block_info[None]["array-location"]
@@ -28,13 +30,14 @@ def generated_store(path):
         x = np.deg2rad(lon)[None, None, :]
         rng = np.random.default_rng(t0)
         base = 280 + 10 * np.cos(y) * np.sin(3 * x + 0.01 * t) + 0.02 * t / 10
-        return (base + rng.normal(0, 0.5, (t1 - t0, NY, NX))).astype(np.float32)
+        return (base + rng.normal(0, 0.5, (t1 - t0, ny, nx))).astype(np.float32)
 
-    data = da.map_blocks(block, chunks=((8,) * (NT // 8), (NY,), (NX,)), dtype=np.float32)
+    steps = (8,) * (nt // 8) + ((nt % 8,) if nt % 8 else ())
+    data = da.map_blocks(block, chunks=(steps, (ny,), (nx,)), dtype=np.float32)
     fine = xr.DataArray(
         data,
         dims=("time", "lat", "lon"),
-        coords={"time": np.arange(NT), "lat": lat, "lon": lon},
+        coords={"time": np.arange(nt), "lat": lat, "lon": lon},
         name="tas",
         attrs={"units": "K"},
     )
