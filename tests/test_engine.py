@@ -161,6 +161,38 @@ def test_fewer_blocks_than_dask_threads_leave_their_cores_to_the_model(monkeypat
     assert {kw["tasks"] for kw in seen} == {1, 4}
 
 
+def test_the_callers_model_is_used_whatever_the_device_is_called():
+    """Validation named its device "cuda" while the model sat on "cuda:0": the
+    handle cached a copy at the first epoch and validated that stale copy ever
+    after.  Shown with "cpu:0" against "cpu"."""
+    dsr = three_outputs()
+    dsr.model.eval()
+    handle = ModelHandle(dsr.model, "fixed-key")
+    assert handle.get("cpu:0") is dsr.model
+    assert handle.get("cpu") is dsr.model
+
+
+@pytest.mark.distributed
+def test_a_graph_under_a_client_is_named_as_without_one():
+    """The stage-1 name took the scattered future's random key: each client gave
+    other names, and zarr resume saw another graph."""
+    distributed = pytest.importorskip("distributed")
+    dsr = three_outputs()
+    x = da.from_array(coarse(), chunks=(1, 4, 12, 16))
+    names = []
+    for _ in range(2):
+        with (
+            distributed.LocalCluster(
+                n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster),
+        ):
+            names.append(downscale_array(x, dsr, tile=4, halo=2).name)
+        clear_cache()
+    names.append(downscale_array(x, dsr, tile=4, halo=2).name)
+    assert len(set(names)) == 1
+
+
 def test_two_downscales_in_one_graph_do_not_collide():
     """Stage-1 keys were a fixed name: two calls computed together shared blocks."""
     dsr = three_outputs()

@@ -376,6 +376,13 @@ def test_zarr_writes_eager_data_and_lazy_static_fields(tmp_path):
     back = xr.open_zarr(to_zarr(ds, tmp_path / "s.zarr"), consolidated=False)
     np.testing.assert_array_equal(back["orog"].values, np.full((32, 48), 5, np.float32))
     np.testing.assert_array_equal(back["tas"].values, eager.values)
+    # in-memory data with a lazy coordinate: no region dimension at all, and the
+    # coordinate was left out of the one write (read back as NaN)
+    flat = eager.isel(time=0, drop=True).to_dataset()
+    flat = flat.assign_coords(area=(("lat", "lon"), np.full((32, 48), 2.0)))
+    flat["area"] = flat["area"].chunk()
+    back = xr.open_zarr(to_zarr(flat, tmp_path / "c.zarr"), consolidated=False)
+    np.testing.assert_array_equal(back["area"].values, np.full((32, 48), 2.0))
 
 
 def test_zarr_keepbits_is_recorded(downscaled, tmp_path):

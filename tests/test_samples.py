@@ -54,6 +54,38 @@ def test_a_store_is_read_sample_by_sample_with_the_numbers_of_memory(stored, mon
     assert len(pickle.dumps(lazy)) < eager.fine.nbytes / 4
 
 
+def test_a_climatology_is_matched_by_label_as_in_memory(stored):
+    """The lazy path subtracted a climatology by position: one with reversed
+    latitudes, or (lon, lat) order, gave other numbers than in memory."""
+    fine, coarse, where = stored
+    clim = fine.mean("time").astype(np.float32)
+    args = (["tas"], ["tas"], 4, {"tas": 0.0}, {"tas": 1.0})
+    eager = pair_arrays(coarse, fine, *args, output_climatology={"tas": clim}, load=True)
+    for odd in (clim.isel(lat=slice(None, None, -1)), clim.transpose("lon", "lat")):
+        lazy = pair_arrays(
+            coarse, opened(where / "fine.zarr"), *args, output_climatology={"tas": odd}, load=False
+        )
+        np.testing.assert_array_equal(np.asarray(lazy.fine), eager.fine)
+
+
+@pytest.mark.distributed
+def test_data_persisted_on_a_cluster_are_read_from_it(stored):
+    distributed = pytest.importorskip("distributed")
+    fine, coarse, _ = stored
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        kept = fine.chunk(time=1).persist()
+        lazy = pair_arrays(
+            coarse, kept, ["tas"], ["tas"], 4, {"tas": 0.0}, {"tas": 1.0}, load=False
+        )
+        # the synchronous read of a rank cannot resolve the cluster's futures
+        np.testing.assert_array_equal(lazy.fine[3, :, :4, :4][0], fine.values[3, :4, :4])
+
+
 def test_a_file_opened_without_chunks_is_not_loaded_whole(stored):
     fine, coarse, where = stored
     fine.to_netcdf(where / "fine.nc")
@@ -145,3 +177,5 @@ def test_val_steps_validates_on_a_fixed_subsample():
     # the same training, validated on 3 of the 10 held-out years
     assert some.history[0]["loss"] == every.history[0]["loss"]
     assert some.history[0]["rmse_tas"] != every.history[0]["rmse_tas"]
+    with pytest.raises(ValueError, match="val_steps must be a positive"):
+        train(coarse, fine, small_config(), val_steps=0, **kw)

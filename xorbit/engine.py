@@ -143,9 +143,9 @@ class ModelHandle:
         ``device``; otherwise an eval-mode copy is made and cached (the caller's
         model is never switched to eval mode behind its back).
         """
-        dev = str(torch.device(device))
+        dev = _resolved(device)
         base = self._model
-        if base is not None and not base.training and str(_device_of(base)) == dev:
+        if base is not None and not base.training and _resolved(_device_of(base)) == dev:
             return base
         with _LOCK:
             model = _CACHE.get((self.key, dev))
@@ -170,6 +170,18 @@ def _rebuild_handle(key: str, payload: tuple[dict[str, Any], bytes]) -> ModelHan
     handle = ModelHandle.__new__(ModelHandle)
     handle.key, handle._model, handle._payload = key, None, payload
     return handle
+
+
+def _resolved(device: str | torch.device) -> str:
+    """``device`` with the index torch would use (``"cuda"`` → ``"cuda:0"`` on
+    device 0, ``"cpu:0"`` → ``"cpu"``): one name per device, so the caller's own
+    model on ``cuda:0`` is recognized when ``"cuda"`` is asked for."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cpu":
+        dev = torch.device("cpu")
+    return str(dev)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -442,7 +454,7 @@ def _downscale_dask(raw: da.Array, out_idx: list[int], run: dict, finish: dict) 
     xchunks = block_chunks(plan.x, raw.chunks[-1][0])
     raw = raw.rechunk((*raw.chunks[:n_lead], raw.shape[-3], ychunks, xchunks))
     handle: ModelHandle = run.pop("handle")
-    partial = _stage1_graph(raw, _model_node(handle), plan, n_out, run)
+    partial = _stage1_graph(raw, _model_node(handle), handle.key, plan, n_out, run)
     return _fold_neighbours(
         partial,
         (hy * k, hx * k),
@@ -476,6 +488,8 @@ def _model_node(handle: ModelHandle) -> Any:
         return dask.delayed(handle, pure=True, name=f"xorbit-model-{handle.key[:16]}")
     key = (client.id, handle.key)
     with _LOCK:
+        for stale in [k for k, f in _SCATTERED.items() if f.client.status == "closed"]:
+            del _SCATTERED[stale]  # futures of closed clients: nothing to keep
         future = _SCATTERED.get(key)
         if future is None or future.status != "finished":
             future = client.scatter(handle, hash=False)
@@ -495,7 +509,9 @@ def _current_client() -> Any:
         return None
 
 
-def _stage1_graph(raw: da.Array, node: Any, plan: TilePlan, n_out: int, run: dict) -> da.Array:
+def _stage1_graph(
+    raw: da.Array, node: Any, model_key: str, plan: TilePlan, n_out: int, run: dict
+) -> da.Array:
     """Stage 1 as one task per block: gather the halo from the (up to) 3 x 3
     neighbouring input blocks, normalize, fill NaN and predict the block's
     partial (`_stage1`).
@@ -511,7 +527,9 @@ def _stage1_graph(raw: da.Array, node: Any, plan: TilePlan, n_out: int, run: dic
     n_lead = raw.ndim - 3
     ychunks, xchunks = raw.chunks[-2], raw.chunks[-1]
     handle_key = node.key
-    name = "xorbit-tiles-" + tokenize(raw.name, handle_key, plan, run)
+    # named by the model, not by the scattered future's random key: the same
+    # call builds the same names under any client (zarr resume compares them)
+    name = "xorbit-tiles-" + tokenize(raw.name, model_key, plan, run)
     n_blocks = int(np.prod(raw.numblocks))
     task = functools.partial(_stage1, halo=(hy, hx), n_blocks=n_blocks, **run)
     ny, nx = len(ychunks), len(xchunks)

@@ -461,7 +461,7 @@ def _lazy_static(ds: xr.Dataset, dim: str) -> list[str]:
     return [
         str(name)
         for name, var in ds.variables.items()
-        if dim not in var.dims and isinstance(var.data, da.Array)
+        if dim not in var.dims and var.chunks is not None  # Dask, never `.data`: no load
     ]
 
 
@@ -476,7 +476,11 @@ def _region_write(
     ones when the Delayed is computed.
     """
     if dim is None:
-        part = ds.drop_vars([v for v in ds.variables if v not in ds.data_vars])
+        # the data and the lazy coordinates: the first write (compute=False)
+        # wrote only what is in memory
+        part = ds.drop_vars(
+            [v for v in ds.variables if v not in ds.data_vars and ds[v].chunks is None]
+        )
         write = part.to_zarr(partial, mode="r+", consolidated=False, compute=False)
     elif region is None:
         keep = _lazy_static(ds, dim)

@@ -437,6 +437,8 @@ def fit(
     amp = device.type == "cuda"
     ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
     validating = val is not None and len(val) > 0
+    if opts.val_steps is not None and int(opts.val_steps) < 1:
+        raise ValueError(f"val_steps must be a positive number of time steps, got {opts.val_steps}")
     if validating and opts.val_steps is not None and len(val) > opts.val_steps:
         # a fixed subsample, the same every epoch (and on every rank)
         keep = np.unique(np.linspace(0, len(val) - 1, max(1, int(opts.val_steps))).round())
@@ -462,24 +464,29 @@ def fit(
             steps_per_epoch,
             opts.prefetch,
         )
-        for step, (x, y, lat) in enumerate(batches):
-            x, y = x.to(device), y.to(device)
-            lw = _lat_weights(lat, train.data.fine_lat).to(device) if opts.lat_weighted else None
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                pred = net(x, cfg.in_vars)
-            loss = bayesian_tv_loss(
-                pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=var_w
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if opts.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            running += float(loss.detach())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running / (step + 1):.4f}")
+        try:
+            for step, (x, y, lat) in enumerate(batches):
+                x, y = x.to(device), y.to(device)
+                lw = (
+                    _lat_weights(lat, train.data.fine_lat).to(device) if opts.lat_weighted else None
+                )
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    pred = net(x, cfg.in_vars)
+                loss = bayesian_tv_loss(
+                    pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=var_w
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                running += float(loss.detach())
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running / (step + 1):.4f}")
+        finally:
+            batches.close()  # stop reading ahead when a step raises
         if bar is not None:
             bar.close()
         record = {"epoch": epoch + 1, "loss": running / steps_per_epoch}

@@ -101,12 +101,37 @@ def _read(data: Any, key: tuple) -> np.ndarray:
 
     Inside a DDP rank (a Dask task) the default scheduler would be the
     cluster's: a rank reads its own samples, it does not ship them around.
+    Data persisted on a cluster (`Persisted`) are fetched from it instead.
     """
+    if isinstance(data, Persisted):
+        return np.asarray(data.array[key].compute())
     if isinstance(data, dask.array.Array):
         return np.asarray(data[key].compute(scheduler="synchronous"))
     if isinstance(data, np.ndarray):
         return data[key]
     return np.asarray(data[key].values)  # a lazily indexed xarray Variable
+
+
+@dataclass(frozen=True)
+class Persisted:
+    """A Dask array persisted on a distributed cluster: its graph holds futures,
+    which only the cluster's scheduler can resolve."""
+
+    array: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+
+def _persisted(array: Any) -> bool:
+    from dask._task_spec import TaskRef
+
+    return any(isinstance(v, TaskRef) for v in dict(array.__dask_graph__()).values())
 
 
 class FieldStack:
@@ -316,11 +341,19 @@ def pair_arrays(
     dynamic_in_memory = all(in_memory(a) for a in [*c_arrays, *f_arrays] if time_dim in a.dims)
     load = load if load is not None else (dynamic_in_memory or total <= IN_MEMORY_BYTES)
 
+    def aligned(clim: xr.DataArray, a: xr.DataArray) -> np.ndarray:
+        # what `a - clim` does in memory: by dimension name and coordinate label
+        y, x = a.dims[-2:]
+        return np.asarray(clim.transpose(y, x).reindex({y: a[y], x: a[x]}).values)
+
     def stack(arrays, names, clim):
         if not load:
             return FieldStack(
                 [_source(a) for a in arrays],
-                [np.asarray(clim[n].values, np.float32) if n in clim else None for n in names],
+                [
+                    aligned(clim[n], a) if n in clim else None
+                    for a, n in zip(arrays, names, strict=True)
+                ],
                 [mean[n] for n in names],
                 [std[n] for n in names],
                 n_time,
@@ -348,6 +381,8 @@ def _source(a: xr.DataArray) -> Any:
     lazily indexed Variable (a file opened without chunks: never ``.data``, which
     would load it whole)."""
     data = a.variable._data
+    if isinstance(data, dask.array.Array) and _persisted(data):
+        return Persisted(data)
     if isinstance(data, np.ndarray | dask.array.Array):
         return data
     return a.variable
