@@ -4,7 +4,7 @@ Run: ``.venv/bin/python examples/train_on_dask.py``  (about a minute on 2 cores)
 
 The same call scales out by swapping the cluster: ``dask_cuda.LocalCUDACluster()``
 on a multi-GPU box (and ``device="cuda"``), or ``dask_jobqueue.SLURMCluster`` on an
-HPC system (``cluster.scale(jobs=N)``).  See docs/training.md.
+HPC system (``cluster.scale(jobs=N)``).  Recipes: docs/cluster.md.
 """
 
 from distributed import Client, LocalCluster
