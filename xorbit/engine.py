@@ -32,6 +32,7 @@ import dask
 import dask.array as da
 import numpy as np
 import torch
+from dask.delayed import Delayed
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -526,7 +527,10 @@ def _stage1_graph(
     hy, hx = plan.halo
     n_lead = raw.ndim - 3
     ychunks, xchunks = raw.chunks[-2], raw.chunks[-1]
-    handle_key = node.key
+    # the model: a scattered future stands in the tasks itself, a delayed node
+    # by its key (and is a dependency of the graph)
+    delayed = isinstance(node, Delayed)
+    ref = node.key if delayed else node
     # named by the model, not by the scattered future's random key: the same
     # call builds the same names under any client (zarr resume compares them)
     name = "xorbit-tiles-" + tokenize(raw.name, model_key, plan, run)
@@ -542,9 +546,8 @@ def _stage1_graph(
                 grid_keys = _neighbour_keys(raw.name, (*idx, 0), iy, ix, (ny, nx), plan.x.periodic)
                 origin = (int(yoff[iy]), int(xoff[ix]))
                 core = (int(ychunks[iy]), int(xchunks[ix]))
-                ref = node if _is_future(node) else handle_key
                 dsk[(name, *idx, 0, iy, ix)] = (task, grid_keys, ref, origin, core)
-    deps = [raw] if _is_future(node) else [raw, node]
+    deps = [raw, node] if delayed else [raw]
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
     chunks = (
         *raw.chunks[:n_lead],
@@ -571,10 +574,6 @@ def _neighbour_keys(
             row.append((name, *lead, jy, jx) if 0 <= jy < ny and 0 <= jx < nx else None)
         grid_keys.append(row)
     return grid_keys
-
-
-def _is_future(node: Any) -> bool:
-    return type(node).__name__ == "Future"
 
 
 def _fold_finish(grid: list, depth: tuple[int, int], coarse: np.ndarray, finish: Any) -> np.ndarray:

@@ -456,8 +456,9 @@ def _mark_done(written: None, marker: str) -> None:
     Path(marker).touch()
 
 
-def _lazy_static(ds: xr.Dataset, dim: str) -> list[str]:
-    """Dask-backed variables without the region dimension ``dim`` (a lazy static field)."""
+def _lazy_static(ds: xr.Dataset, dim: str | None) -> list[str]:
+    """Dask-backed variables without the region dimension ``dim`` (a lazy static
+    field; every Dask-backed variable when there is no region dimension)."""
     return [
         str(name)
         for name, var in ds.variables.items()
@@ -475,15 +476,10 @@ def _region_write(
     In-memory (numpy) variables are written when the write is built, the Dask
     ones when the Delayed is computed.
     """
-    if dim is None:
-        # the data and the lazy coordinates: the first write (compute=False)
-        # wrote only what is in memory
-        part = ds.drop_vars(
-            [v for v in ds.variables if v not in ds.data_vars and ds[v].chunks is None]
-        )
-        write = part.to_zarr(partial, mode="r+", consolidated=False, compute=False)
-    elif region is None:
-        keep = _lazy_static(ds, dim)
+    if dim is None or region is None:
+        # what the first write (compute=False) left out, the lazy variables
+        # without the region dimension; and all the data without one
+        keep = {*_lazy_static(ds, dim), *(ds.data_vars if dim is None else ())}
         part = ds.drop_vars([v for v in ds.variables if v not in keep])
         write = part.to_zarr(partial, mode="r+", consolidated=False, compute=False)
     else:
@@ -516,8 +512,9 @@ def to_zarr(
     A call that would write other bytes (other rounding, compression, dtypes,
     chunks, variables or coordinates: `_resume_signature`) warns, naming what
     changed, and starts afresh, so one store never mixes two encodings.  When
-    every region is marked done the folder is renamed to ``store``.  Markers are plain files at absolute paths: Dask workers must
-    share this machine's file system (as they must to write the store).
+    every region is marked done the folder is renamed to ``store``.  Markers
+    are plain files at absolute paths: Dask workers must share this machine's
+    file system (as they must to write the store).
 
     Parameters
     ----------

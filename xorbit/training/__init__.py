@@ -8,8 +8,6 @@ import os
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-import dask
-import dask.array
 import numpy as np
 import xarray as xr
 
@@ -159,7 +157,8 @@ def train(
     # data in files are reduced chunk by chunk with Dask, never loaded whole here
     lazy_found = {n: _chunked(a, time_dim) for n, a in found.items()}
     lazy_targets = {n: _chunked(a, time_dim) for n, a in targets.items()}
-    with _scheduler(client):
+    # Dask computations inside run on the client's cluster, when there is one
+    with client.as_current() if client is not None else contextlib.nullcontext():
         if climatology:
             # per-pixel means over every time step given (validation years
             # included: the climatology is part of the model, not a score)
@@ -276,19 +275,9 @@ def _chunked(var: xr.DataArray, time_dim: Hashable) -> xr.DataArray:
     """``var`` as Dask when it lies in a file (opened without chunks): reductions
     then stream it instead of loading it whole.  Data in memory or already on
     Dask are returned as they are."""
-    if in_memory(var) or isinstance(var.variable._data, dask.array.Array):
+    if in_memory(var) or var.chunks is not None:
         return var
     return var.chunk({time_dim: 1} if time_dim in var.dims else {})
-
-
-@contextlib.contextmanager
-def _scheduler(client: Any):
-    """Dask computations inside run on ``client``'s cluster (when given)."""
-    if client is None:
-        yield
-    else:
-        with client.as_current():
-            yield
 
 
 def _static_inputs(

@@ -153,28 +153,17 @@ class FieldStack:
         climatologies: Sequence[np.ndarray | None],
         mean: Sequence[float],
         std: Sequence[float],
-        n_time: int,
-        times: np.ndarray | None = None,
+        times: np.ndarray,
     ) -> None:
         self.sources = list(sources)
         self.climatologies = list(climatologies)
         self.mean, self.std = list(mean), list(std)
-        self.n_time = int(n_time)
-        self.times = np.arange(self.n_time) if times is None else np.asarray(times)
-        first = self.sources[0]
-        self.hw = tuple(int(s) for s in first.shape[-2:])
+        self.times = np.asarray(times)  # positions along the sources' time axis
+        self.hw = tuple(int(s) for s in self.sources[0].shape[-2:])
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.times), len(self.sources), *self.hw)
-
-    @property
-    def ndim(self) -> int:
-        return 4
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * 4
 
     def __len__(self) -> int:
         return len(self.times)
@@ -196,20 +185,13 @@ class FieldStack:
         if not isinstance(key, tuple):
             # along time: a view, read later
             return FieldStack(
-                self.sources,
-                self.climatologies,
-                self.mean,
-                self.std,
-                self.n_time,
-                self.times[key],
+                self.sources, self.climatologies, self.mean, self.std, self.times[key]
             )
         t, c, ys, xs = key
         if c != slice(None) or not isinstance(t, (int, np.integer)):
             raise IndexError("FieldStack reads [t, :, y-slice, x-slice] with an integer t")
         pos = int(self.times[t])
-        return np.stack([self._channel(i, pos, ys, xs) for i in range(len(self.sources))]).astype(
-            np.float32, copy=False
-        )
+        return np.stack([self._channel(i, pos, ys, xs) for i in range(len(self.sources))])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         pos = np.asarray(self.times)
@@ -219,7 +201,7 @@ class FieldStack:
         else:
             out = np.stack(
                 [self._channel(i, pos, every, every) for i in range(len(self.sources))], axis=1
-            ).astype(np.float32, copy=False)
+            )
         return out if dtype is None else out.astype(dtype)
 
 
@@ -356,7 +338,7 @@ def pair_arrays(
                 ],
                 [mean[n] for n in names],
                 [std[n] for n in names],
-                n_time,
+                np.arange(n_time),
             )
         out = []
         for a, n in zip(arrays, names, strict=True):
