@@ -289,9 +289,28 @@ class Reslim(nn.Module):
         pe = F.interpolate(pe, size=grid, mode="bicubic", align_corners=False)
         return pe.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d)
 
+    def resolution_embedding(
+        self, res_km: float | torch.Tensor | None, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """``spatial_embed`` of the grid spacing in km, ``[1 or B, 1, D]`` to add to tokens.
+
+        ``res_km``: one value for the batch, one per sample (a tensor ``[B]``), or
+        ``None`` for ``config.res_km``.
+        """
+        res = self.config.res_km if res_km is None else res_km
+        res_t = torch.as_tensor(res, dtype=tokens.dtype, device=tokens.device).reshape(-1, 1)
+        if res_t.shape[0] not in (1, tokens.shape[0]):
+            raise ValueError(
+                f"res_km has {res_t.shape[0]} values for a batch of {tokens.shape[0]} samples"
+            )
+        return self.spatial_embed(res_t).unsqueeze(1)
+
     # ------------------------------------------------------------------ stages
     def forward_encoder(
-        self, x: torch.Tensor, variables: Sequence[str], res_km: float | None = None
+        self,
+        x: torch.Tensor,
+        variables: Sequence[str],
+        res_km: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Padded coarse fields → normalized tokens ``[B, L, D]``."""
         b = x.shape[0]
@@ -305,9 +324,7 @@ class Reslim(nn.Module):
         tokens = tokens.transpose(1, 2).reshape(b * n_tok, n_var, d)
         tokens = self.var_agg(self.var_query, tokens).reshape(b, n_tok, d)
         tokens = tokens + self.position_embedding(grid).to(tokens.dtype)
-        res = self.config.res_km if res_km is None else res_km
-        res_t = torch.full((1, 1), float(res), device=x.device, dtype=tokens.dtype)
-        tokens = tokens + self.spatial_embed(res_t).unsqueeze(0)
+        tokens = tokens + self.resolution_embedding(res_km, tokens)
         tokens = self.pos_drop(tokens)
         for blk in self.blocks:
             tokens = blk(tokens)
@@ -328,7 +345,10 @@ class Reslim(nn.Module):
         return self.path2(x[:, idx])
 
     def forward(
-        self, x: torch.Tensor, variables: Sequence[str] | None = None, res_km: float | None = None
+        self,
+        x: torch.Tensor,
+        variables: Sequence[str] | None = None,
+        res_km: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalized coarse ``[B, C, h, w]`` → normalized fine ``[B, V_out, h k, w k]``.
 
@@ -339,8 +359,8 @@ class Reslim(nn.Module):
         variables
             Channel names; defaults to ``config.in_vars``.
         res_km
-            Coarse grid spacing in km for the resolution embedding; defaults to
-            ``config.res_km``.
+            Coarse grid spacing in km for the resolution embedding: one value,
+            or a tensor ``[B]`` of one per sample; defaults to ``config.res_km``.
         """
         variables = self._check_input(x, self.config.in_vars if variables is None else variables)
         h, w = x.shape[-2:]
