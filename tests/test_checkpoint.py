@@ -165,7 +165,8 @@ def test_failed_save_keeps_the_previous_file(model, tmp_path, monkeypatch):
 
 def test_import_published_orbit2_checkpoint(tmp_path):
     # a stand-in for a published checkpoint: reference layout, 1:2 training grid
-    cfg = tiny_config(unpatchify="reference", img_size=(8, 16))
+    # (the reference feeds the resolution embedding kilometres)
+    cfg = tiny_config(unpatchify="reference", img_size=(8, 16), res_embed="km")
     torch.manual_seed(0)
     ref = Reslim(cfg).eval()
     torch.save(

@@ -10,6 +10,7 @@ import xarray as xr
 import xorbit
 from tests.datasets import powerlaw_field
 from xorbit import coarsen
+from xorbit.grid import KM_PER_DEGREE
 from xorbit.training import load_state, train
 from xorbit.training.loop import lr_factor
 from xorbit.training.samples import PairedCrops, compute_stats, pair_arrays, split_time
@@ -412,6 +413,7 @@ def test_train_records_the_training_grid():
         "dy": 2.0,
         "x_ascending": True,
         "dx": 2.0,
+        "res_km": pytest.approx(2.0 * KM_PER_DEGREE),  # the resolution embedding's input
         "window": [8, 8],  # the 8 x 8 coarse grid is one training crop
     }
 

@@ -18,12 +18,19 @@ def kelvin():
     return coarse_field(280 + 10 * powerlaw_field((2, 8, 12), seed=3))
 
 
-def test_celsius_input_gives_the_kelvin_answer(dsr, kelvin):
+def test_celsius_input_gives_the_kelvin_answer_in_celsius(dsr, kelvin):
+    """The model runs in its units; the result comes back in the input's."""
     ref = kelvin.orbit.downscale(dsr, tile=4, halo=2, device="cpu")
+    assert ref.attrs["units"] == "K"
     celsius = (kelvin - 273.15).assign_attrs(kelvin.attrs, units="degC").chunk(lat=4)
     out = celsius.orbit.downscale(dsr, tile=4, halo=2, device="cpu")
-    assert out.attrs["units"] == "K"
-    np.testing.assert_allclose(out.values, ref.values, atol=2e-3)
+    assert out.attrs["units"] == "degC"
+    np.testing.assert_allclose(out.values, ref.values - 273.15, atol=2e-3)
+    # a units= override is what the input is in, so the answer is in it too
+    bare = (kelvin - 273.15).assign_attrs(units="nonsense")
+    out = bare.orbit.downscale(dsr, tile=4, halo=2, device="cpu", units={"tas": "degC"})
+    assert out.attrs["units"] == "degC"
+    np.testing.assert_allclose(out.values, ref.values - 273.15, atol=2e-3)
 
 
 def test_missing_and_overridden_units(dsr, kelvin):

@@ -27,11 +27,12 @@ import numpy as np
 import xarray as xr
 
 from . import grid
+from . import transforms as _transforms
 from ._version import __version__
 from .downscaler import Downscaler
 from .engine import downscale_array
 from .fields import fine_reference, on_grid, pack
-from .units import to_model_units
+from .units import convert, to_model_units
 from .variables import as_dataset, find_variable, gather
 
 __all__ = ["OrbitDataArrayAccessor", "OrbitDatasetAccessor", "downscale"]
@@ -146,7 +147,13 @@ def downscale(
                 f"input variable {name!r} has dims {var.dims}; it needs both spatial dims "
                 f"({ydim!r}, {xdim!r})"
             )
+    # the units each output goes back to: its input's, as given (or as said by units=)
+    given = {n: (units or {}).get(n, v.attrs.get("units")) for n, v in inputs.items()}
     inputs = to_model_units(inputs, downscaler.units, units)
+    for name, kind in downscaler.transforms.items():
+        if name in inputs:
+            var = _transforms.to_transform_units(inputs[name], kind, name)
+            inputs[name] = _transforms.forward(var, kind)
     inputs = {n: _flip(v, flips) for n, v in inputs.items()}
     for name, clim in downscaler.input_climatology.items():
         # the model works on anomalies from its training climatology
@@ -170,6 +177,7 @@ def downscale(
         stacked = np.stack([np.asarray(a.values, np.float32) for a in arrays], axis=-3)
     if periodic is None:
         periodic = grid.is_global_longitude(arrays[0][xdim], ds)
+    res_km = _resolution(downscaler, arrays[0], ydim, xdim)
     out = downscale_array(
         stacked,
         downscaler,
@@ -180,6 +188,7 @@ def downscale(
         device=device,
         precision=precision,
         weights_sha256=weights_sha256,
+        res_km=res_km,
     )
 
     fine_coords = grid.fine_grid(arrays[cfg.in_vars.index(cfg.out_vars[0])], k, ydim, xdim)
@@ -209,6 +218,11 @@ def downscale(
             if name in downscaler.nonnegative:
                 full = full.clip(min=0)  # clamped after the climatology is back
             result = _keep(full, result)
+        if name in downscaler.transforms:
+            result = _keep(_transforms.inverse(result, downscaler.transforms[name]), result)
+        back = given.get(name)
+        if back and result.attrs.get("units") and back != result.attrs["units"]:
+            result = convert(result, back, name)  # the caller's units, as the input came
         results[name] = _flip(result, flips)
     if as_array:
         return next(iter(results.values()))
@@ -219,6 +233,31 @@ def downscale(
     out_ds = out_ds.assign_coords({n: _flip(fine_coords[n], flips) for n in (ydim, xdim)})
     out_ds.attrs["history"] = _history(ds.attrs.get("history"), downscaler, weights_sha256)
     return out_ds
+
+
+def _resolution(dsr: Downscaler, ref: xr.DataArray, ydim: str, xdim: str) -> float | None:
+    """The input's grid spacing in km for the resolution embedding.
+
+    ``None`` (the config's constant) for models trained before the embedding
+    read the grid (no ``res_km`` in their grid facts).  An input whose spacing
+    cannot be told in km (projected coordinates without units) gets the
+    training spacing, with a warning.
+    """
+    trained = dsr.grid.get("res_km")
+    if trained is None:
+        return None
+    km = grid.spacing_km(ref, ydim, xdim)
+    if km is not None:
+        return km
+    fallback = float(np.atleast_1d(trained)[0])
+    warnings.warn(
+        f"cannot tell the input's grid spacing in km from its coordinates {ydim!r}, "
+        f"{xdim!r} (give them units, e.g. 'degrees_north' or 'km'); the resolution "
+        f"embedding gets the training spacing {fallback:.4g} km",
+        GridWarning,
+        stacklevel=4,
+    )
+    return fallback
 
 
 def _keep(new: xr.DataArray, old: xr.DataArray) -> xr.DataArray:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from . import transforms as _transforms
 from .fields import decode, encode
 from .model.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from .model.config import ReslimConfig
@@ -66,6 +67,11 @@ class Downscaler:
         (``"coarse"`` or ``"fine"``).  A fine field enters the model as
         ``factor²`` coarse channels ``name[i,j]`` (`xorbit.fields.pack`).
         ``static=`` at downscale replaces them.
+    transforms
+        Variables the model sees transformed (`xorbit.transforms`), by name:
+        ``{"pr": "log1p"}``.  Their ``units`` are the transform's (``mm/day``);
+        downscaling applies the transform to such inputs and its inverse to
+        such outputs.
     """
 
     model: Reslim
@@ -80,8 +86,12 @@ class Downscaler:
     output_climatology: dict[str, xr.DataArray] = field(default_factory=dict)
     static: dict[str, xr.DataArray] = field(default_factory=dict)
     static_packing: dict[str, str] = field(default_factory=dict)
+    transforms: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.transforms = _transforms.check(
+            self.transforms, [*self.config.in_vars, *self.config.out_vars]
+        )
         for v in self.config.in_vars:
             self.mean.setdefault(v, 0.0)
             self.std.setdefault(v, 1.0)
@@ -187,6 +197,7 @@ class Downscaler:
             "output_climatology": {k: encode(v) for k, v in self.output_climatology.items()},
             "static": {k: encode(v) for k, v in self.static.items()},
             "static_packing": dict(self.static_packing),
+            "transforms": dict(self.transforms),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -213,6 +224,7 @@ class Downscaler:
             },
             static={k: decode(v) for k, v in extra.get("static", {}).items()},
             static_packing=dict(extra.get("static_packing", {})),
+            transforms=dict(extra.get("transforms", {})),
         )
 
 

@@ -219,15 +219,20 @@ def run_model(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     precision: str = "auto",
+    res_km: float | None = None,
 ) -> np.ndarray:
-    """Model forward over ``x [N, C, h, w]`` in batches; float32 numpy out."""
+    """Model forward over ``x [N, C, h, w]`` in batches; float32 numpy out.
+
+    ``res_km``: the input grid's spacing for the resolution embedding (``None``:
+    the config's).
+    """
     dev = torch.device(device)
     amp = _autocast(dev, precision)
     outs = []
     with torch.inference_mode(), amp:
         for i in range(0, x.shape[0], max(1, int(batch_size))):
             xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(dev)
-            outs.append(model(xb, variables).float().cpu().numpy())
+            outs.append(model(xb, variables, res_km=res_km).float().cpu().numpy())
     return np.concatenate(outs, axis=0)
 
 
@@ -242,6 +247,7 @@ def predict_block(
     batch_size: int = 16,
     device: str | None = None,
     precision: str = "auto",
+    res_km: float | None = None,
 ) -> np.ndarray:
     """Weighted partial of one block (see the module docstring).
 
@@ -261,6 +267,8 @@ def predict_block(
         Names of the ``C`` channels.
     device
         Where to run; ``None``: CUDA if this process sees a GPU.
+    res_km
+        Grid spacing for the resolution embedding (``None``: the config's).
     """
     device = device or default_device()
     model = handle.get(device)
@@ -277,6 +285,7 @@ def predict_block(
         batch_size=batch_size,
         device=device,
         precision=precision,
+        res_km=res_km,
     )
     pred = pred.reshape(t, b, *pred.shape[1:])
     partial = merge(list(pred), plan, origin, tiles, core_shape, dtype=np.float32)
@@ -336,6 +345,7 @@ def downscale_array(
     device: str | None = None,
     precision: str = "auto",
     weights_sha256: str | None = None,
+    res_km: float | None = None,
 ) -> np.ndarray | da.Array:
     """Downscale coarse fields ``(..., C, ny, nx)`` to ``(..., V, ny k, nx k)``.
 
@@ -361,6 +371,9 @@ def downscale_array(
         ``"bf16"`` or ``"fp16"``.
     weights_sha256
         The weights' hash when already known (it names the model in the graph).
+    res_km
+        The coarse grid's spacing in km for the resolution embedding
+        (`xorbit.grid.spacing_km`); ``None``: ``config.res_km``.
 
     Returns
     -------
@@ -405,6 +418,7 @@ def downscale_array(
         batch_size=int(batch_size),
         device=device,
         precision=precision,
+        res_km=None if res_km is None else float(res_km),
     )
     finish = dict(mean=out_mean, std=out_std, floor=floor, factor=cfg.factor)
     if isinstance(x, da.Array):

@@ -26,6 +26,7 @@ __all__ = [
     "is_global_longitude",
     "match_grid",
     "refine_coord",
+    "spacing_km",
     "spatial_dims",
 ]
 
@@ -35,6 +36,11 @@ _Y_DIM_NAMES = ("lat", "latitude", "y")
 _X_DIM_NAMES = ("lon", "longitude", "x")
 _LAT_NAMES = ("lat", "latitude")
 _LON_NAMES = ("lon", "longitude")
+
+# Length of one degree of a great circle on a sphere of radius 6371 km: the
+# reference's resolutions (625, 111, 28 km for 5.625, 1, 0.25 degrees) are this
+# times the spacing in degrees.
+KM_PER_DEGREE = 6371.0 * np.pi / 180
 
 _LAT_ATTRS = {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"}
 _LON_ATTRS = {"standard_name": "longitude", "units": "degrees_east", "axis": "X"}
@@ -464,6 +470,56 @@ def is_global_longitude(
             return False
     total = abs(float((bounds[:, 1] - bounds[:, 0]).sum()))
     return abs(total - 360.0) <= atol
+
+
+def spacing_km(
+    obj: xr.DataArray | xr.Dataset, ydim: str | None = None, xdim: str | None = None
+) -> float | None:
+    """The grid spacing of ``obj`` in km: what the resolution embedding reads.
+
+    Each spatial axis' spacing is the median absolute step of its coordinate; in
+    degrees (a latitude or longitude by CF meaning or name, or ``units``
+    ``degrees...``) it is converted with `KM_PER_DEGREE` (a degree of great
+    circle, at any latitude: the reference's convention, where 1 degree is
+    "111 km"); a projected coordinate with length units (``m``, ``km``) is
+    converted with pint.  The result is the geometric mean of the two axes
+    (the square root of a cell's nominal area), or the one axis that has a
+    spacing.
+
+    Returns
+    -------
+    float or None
+        ``None`` when neither axis has two points or units that say what a
+        step is (a projected axis without units).
+    """
+    if ydim is None or xdim is None:
+        ydim, xdim = spatial_dims(obj)
+    steps = []
+    for dim in (ydim, xdim):
+        if dim not in obj.coords or obj[dim].size < 2:
+            continue
+        coord = obj[dim]
+        step = float(np.median(np.abs(np.diff(np.asarray(coord.values, np.float64)))))
+        km = _step_km(coord, step)
+        if km is not None and km > 0:
+            steps.append(km)
+    if not steps:
+        return None
+    return float(np.exp(np.mean(np.log(steps))))
+
+
+def _step_km(coord: xr.DataArray, step: float) -> float | None:
+    units = str(coord.attrs.get("units", "")).strip()
+    if _cf_meaning(coord) is not None or units.lower().startswith("degree"):
+        return step * KM_PER_DEGREE
+    if not units:
+        return None
+    from .units import ureg
+
+    try:
+        return float(ureg.Quantity(step, units).to("km").magnitude)
+    except Exception:  # not a length (an index, a time ...): no spacing in km
+        return None
 
 
 def match_grid(

@@ -239,6 +239,7 @@ def import_orbit2(
         drop_path=float(m.get("drop_path", 0.1)),
         drop_rate=float(m.get("drop_rate", 0.1)),
         res_km=res_km,
+        res_embed="km",
         unpatchify="reference",
         interp_skip="none",
         learn_pos_embed=False,

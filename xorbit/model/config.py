@@ -82,7 +82,17 @@ class ReslimConfig:
         Coarse grid ``(ny, nx)`` the model is trained on: sets the size of the
         position-embedding table, which is resized for other grids.
     res_km
-        Grid spacing of the coarse input in km, fed to the resolution embedding.
+        Grid spacing of the coarse input in km, fed to the resolution embedding
+        when the caller gives none (models trained by xorbit 0.2 and later get
+        their grid's spacing from its coordinates, `xorbit.grid.spacing_km`).
+    res_embed
+        What the resolution embedding (a ``Linear(1, D)``) reads: ``"log"``
+        (default) ``log(spacing / 100 km)``, about -3 to 3 from 5 to 2000 km;
+        ``"km"`` the spacing in km, as the reference does (625 for 5.625
+        degrees: at initialisation that adds a constant of a dozen standard
+        deviations to every token, which swamps them on coarse grids).
+        Configs saved without this key (xorbit < 0.2, imported checkpoints)
+        read ``"km"``.
     unpatchify
         ``"local"`` maps token (i, j) to the fine block above its own patch (use it
         for models trained with xorbit: it suits tiling); ``"reference"``
@@ -116,6 +126,7 @@ class ReslimConfig:
     drop_path: float = 0.1
     drop_rate: float = 0.1
     res_km: float = 111.0
+    res_embed: Literal["km", "log"] = "log"
     learn_pos_embed: bool = True
     unpatchify: Unpatchify = "local"
     interp_skip: Literal["none", "bilinear", "bicubic"] = "bicubic"
@@ -163,6 +174,12 @@ class ReslimConfig:
             raise ValueError(
                 f"ReslimConfig: unpatchify must be 'local' or 'reference', got {self.unpatchify!r}"
             )
+        if self.res_embed not in ("km", "log"):
+            raise ValueError(
+                f"ReslimConfig: res_embed must be 'km' or 'log', got {self.res_embed!r}"
+            )
+        if not self.res_km > 0:
+            raise ValueError(f"ReslimConfig: res_km must be > 0 km, got {self.res_km}")
         if self.interp_skip not in ("none", "bilinear", "bicubic"):
             raise ValueError(
                 "ReslimConfig: interp_skip must be 'none', 'bilinear' or 'bicubic', "
@@ -236,10 +253,12 @@ class ReslimConfig:
         """Inverse of `to_dict`; unknown keys raise a ``ValueError`` naming them.
 
         The training keys of xorbit 0.1 configs (`TRAINING_KEYS`) are dropped, so
-        old checkpoints load.
+        old checkpoints load; a config without ``res_embed`` was made when the
+        embedding read kilometres, and reads them still.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k not in TRAINING_KEYS}
+        d.setdefault("res_embed", "km")
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"ReslimConfig: unknown keys {unknown}; known keys: {sorted(names)}")

@@ -19,7 +19,10 @@ from torch import nn
 
 from .config import ReslimConfig
 
-__all__ = ["Reslim", "sincos_pos_embed_2d", "unpatchify"]
+__all__ = ["RES_UNIT_KM", "Reslim", "sincos_pos_embed_2d", "unpatchify"]
+
+# The resolution embedding with ``res_embed="log"`` reads log(spacing / this).
+RES_UNIT_KM = 100.0
 
 
 # --------------------------------------------------------------------------- blocks
@@ -292,13 +295,17 @@ class Reslim(nn.Module):
     def resolution_embedding(
         self, res_km: float | torch.Tensor | None, tokens: torch.Tensor
     ) -> torch.Tensor:
-        """``spatial_embed`` of the grid spacing in km, ``[1 or B, 1, D]`` to add to tokens.
+        """``spatial_embed`` of the grid spacing, ``[1 or B, 1, D]`` to add to tokens.
+
+        The spacing enters as km or as ``log(km / RES_UNIT_KM)`` (``config.res_embed``).
 
         ``res_km``: one value for the batch, one per sample (a tensor ``[B]``), or
         ``None`` for ``config.res_km``.
         """
         res = self.config.res_km if res_km is None else res_km
         res_t = torch.as_tensor(res, dtype=tokens.dtype, device=tokens.device).reshape(-1, 1)
+        if self.config.res_embed == "log":
+            res_t = torch.log(res_t / RES_UNIT_KM)
         if res_t.shape[0] not in (1, tokens.shape[0]):
             raise ValueError(
                 f"res_km has {res_t.shape[0]} values for a batch of {tokens.shape[0]} samples"

@@ -12,12 +12,14 @@ import numpy as np
 import xarray as xr
 
 from .. import fields, grid
+from .. import transforms as _transforms
 from ..downscaler import Downscaler, training_grid
 from ..engine import default_device
 from ..model.config import ReslimConfig
+from ..units import to_model_units
 from ..variables import as_dataset, gather, var_names
 from .loop import TrainOptions, fit, load_state, validate
-from .samples import PairedCrops, compute_stats, in_memory, pair_arrays, split_time
+from .samples import CropMix, PairedCrops, compute_stats, in_memory, pair_arrays, split_time
 
 __all__ = ["TrainOptions", "fit", "load_state", "train", "validate"]
 
@@ -28,8 +30,8 @@ _CF_ATTRS = ("standard_name", "long_name", "units", "cell_methods")
 
 
 def train(
-    coarse: xr.DataArray | xr.Dataset,
-    fine: xr.DataArray | xr.Dataset,
+    coarse: xr.DataArray | xr.Dataset | Sequence[xr.DataArray | xr.Dataset],
+    fine: xr.DataArray | xr.Dataset | Sequence[xr.DataArray | xr.Dataset],
     config: ReslimConfig | None = None,
     *,
     epochs: int = 10,
@@ -50,6 +52,7 @@ def train(
     climatology: bool = True,
     static: xr.Dataset | None = None,
     samples_per_epoch: int | None = None,
+    transforms: dict[str, str] | None = None,
     **options: Any,
 ) -> Downscaler:
     """Train a Reslim downscaler on paired coarse and fine fields.
@@ -68,6 +71,12 @@ def train(
         process (each DDP rank) reads its own samples from the store, a few
         batches ahead in a background thread (``in_memory=`` and ``prefetch=``
         options).  Chunk such a store so that one chunk holds about one crop.
+
+        Lists of pairs (``[coarse_a, coarse_b], [fine_a, fine_b]``) train one
+        model on several grids, e.g. two resolutions: each sample's resolution
+        embedding gets its grid's spacing (`xorbit.grid.spacing_km`), which
+        needs ``climatology=False`` and no ``static=`` (both are per-pixel
+        fields of one grid); statistics are pooled over the pairs.
     config
         The model; default ``ReslimConfig.preset("tiny")`` over the variables.
     epochs, batch_size, lr
@@ -116,6 +125,14 @@ def train(
         static inputs; a fine field becomes ``factor²`` coarse channels
         ``name[i,j]`` (space-to-depth).  They are stored in the `Downscaler`, so
         downscaling inside their domain needs nothing more.
+    transforms
+        Variables to train in a transformed space, ``{"pr": "log1p"}``
+        (`xorbit.transforms`): values at or below 0.25 mm/day become zero,
+        then ``log1p`` of mm/day (the data are converted with pint first).
+        Stored in the `Downscaler`: ``.orbit.downscale`` applies the inverse
+        (``expm1``), so results are in the input's units and never negative;
+        transformed outputs are non-negative.  Validation RMSEs of such a
+        variable are in model (log) space.
     **options
         Other `TrainOptions` fields (``tv_lambda``, ``weight_decay``, ...);
         ``options=TrainOptions(...)`` passes them all at once.
@@ -125,8 +142,10 @@ def train(
     The trained `Downscaler`; ``downscaler.history`` holds the per-epoch losses
     and validation RMSEs (model and bicubic, physical units).
     """
+    multi = isinstance(coarse, (list, tuple))
+    pairs = _pairs(coarse, fine, multi, climatology, static)
     if config is None:
-        names = var_names(fine)
+        names = var_names(pairs[0][1])
         config = ReslimConfig.preset("tiny", in_vars=names, out_vars=names)
     base = options.pop("options", None) or TrainOptions.for_config(config)
     opts = base.replace(
@@ -139,68 +158,120 @@ def train(
         **({"batch_size": int(batch_size)} if batch_size is not None else {}),
         **options,
     )
-    n_time = coarse.sizes[time_dim] if time_dim in coarse.dims else 1
-    train_idx, val_idx = split_time(n_time, val_fraction if n_time > 1 else 0.0)
+    transforms = _transforms.check(transforms, [*config.in_vars, *config.out_vars])
+    fixed = sorted(set(transforms) & set(config.static_vars))
+    if fixed:
+        raise ValueError(f"transforms name static variables {fixed}; transform dynamic ones only")
 
     dynamic = [v for v in config.in_vars if v not in config.static_vars]
-    cds = as_dataset(coarse, config.in_vars, candidates=dynamic)
-    fds = as_dataset(fine, config.out_vars)
-    ydim, xdim = grid.spatial_dims(cds)
-    stored, packing, channels, config = _static_inputs(static, cds, config)
+    grids = []  # per pair: datasets, dims, variables, split
+    for i, (c, f) in enumerate(pairs):
+        cds = as_dataset(c, config.in_vars, candidates=dynamic)
+        fds = as_dataset(f, config.out_vars)
+        ydim, xdim = grid.spatial_dims(cds)
+        if i == 0:
+            stored, packing, channels, config = _static_inputs(static, cds, config)
+        where = f" of pair {i}" if multi else ""
+        found = gather(
+            [cds, channels], config.in_vars, ydim=ydim, xdim=xdim, where=f"the coarse data{where}"
+        )
+        fy, fx = grid.spatial_dims(fds)
+        targets = gather(
+            [fds], config.out_vars, ydim=fy, xdim=fx, role="output", where=f"the fine data{where}"
+        )
+        given_found, given_targets = dict(found), dict(targets)
+        for name, kind in transforms.items():
+            # in the transform's units (mm/day), then into model space
+            for role in (found, targets):
+                if name in role:
+                    var = _transforms.to_transform_units(role[name], kind, name)
+                    role[name] = _transforms.forward(var, kind)
+        if i == 0:
+            units = {n: found[n].attrs.get("units") for n in config.in_vars}
+        else:  # the first pair's units for every pair
+            found = to_model_units(found, units)
+            targets = to_model_units(targets, {v: units.get(v) for v in config.out_vars})
+        # the data as the model sees them, for `pair_arrays` to find by name
+        cds = cds.assign({n: v for n, v in found.items() if v is not given_found[n]})
+        fds = fds.assign({n: v for n, v in targets.items() if v is not given_targets[n]})
+        n_time = c.sizes[time_dim] if time_dim in c.dims else 1
+        train_idx, val_idx = split_time(n_time, val_fraction if n_time > 1 else 0.0)
+        grids.append(
+            dict(
+                cds=cds,
+                fds=fds,
+                dims=(ydim, xdim),
+                found=found,
+                targets=targets,
+                n_time=n_time,
+                train_idx=train_idx,
+                val_idx=val_idx,
+                res_km=grid.spacing_km(cds, ydim, xdim),  # as `pair_arrays` records it
+            )
+        )
     dynamic = [v for v in config.in_vars if v not in config.static_vars]
-    found = gather([cds, channels], config.in_vars, ydim=ydim, xdim=xdim, where="the coarse data")
-    fy, fx = grid.spatial_dims(fds)
-    targets = gather([fds], config.out_vars, ydim=fy, xdim=fx, role="output", where="the fine data")
-    units = {n: found[n].attrs.get("units") for n in config.in_vars}
+    if multi and any(g["res_km"] is None for g in grids):
+        raise ValueError(
+            "training on several grids needs each grid's spacing in km: give the spatial "
+            "coordinates units (degrees_north / degrees_east, m or km)"
+        )
     clim_in: dict[str, xr.DataArray] = {}
     clim_out: dict[str, xr.DataArray] = {}
-    # data in files are reduced chunk by chunk with Dask, never loaded whole here
-    lazy_found = {n: _chunked(a, time_dim) for n, a in found.items()}
-    lazy_targets = {n: _chunked(a, time_dim) for n, a in targets.items()}
+    moments = []
     # Dask computations inside run on the client's cluster, when there is one
     with client.as_current() if client is not None else contextlib.nullcontext():
-        if climatology:
-            # per-pixel means over every time step given (validation years
-            # included: the climatology is part of the model, not a score)
-            every = range(n_time)
-            clim_in = {v: fields.climatology(lazy_found[v], time_dim, every) for v in dynamic}
-            clim_out = {
-                v: fields.climatology(lazy_targets[v], time_dim, every) for v in config.out_vars
+        for g in grids:
+            # data in files are reduced chunk by chunk with Dask, never loaded whole here
+            lazy_found = {n: _chunked(a, time_dim) for n, a in g["found"].items()}
+            if climatology:  # one pair only (`_pairs`)
+                # per-pixel means over every time step given (validation years
+                # included: the climatology is part of the model, not a score)
+                every = range(g["n_time"])
+                lazy_targets = {n: _chunked(a, time_dim) for n, a in g["targets"].items()}
+                clim_in = {v: fields.climatology(lazy_found[v], time_dim, every) for v in dynamic}
+                clim_out = {
+                    v: fields.climatology(lazy_targets[v], time_dim, every) for v in config.out_vars
+                }
+                lazy_found = {
+                    n: (a - clim_in[n]) if n in clim_in else a for n, a in lazy_found.items()
+                }
+            # statistics from the training period only
+            t0, t1 = int(g["train_idx"][0]), int(g["train_idx"][-1]) + 1
+            stat_arrays = {
+                # a slice, not an index array: Dask takes it without a shuffle
+                name: var.isel({time_dim: slice(t0, t1)}) if time_dim in var.dims else var
+                for name, var in lazy_found.items()
             }
-            lazy_found = {n: (a - clim_in[n]) if n in clim_in else a for n, a in lazy_found.items()}
-        # statistics from the training period only
-        stat_arrays = {
-            # a slice, not an index array: Dask takes it without a shuffle
-            name: var.isel({time_dim: slice(int(train_idx[0]), int(train_idx[-1]) + 1)})
-            if time_dim in var.dims
-            else var
-            for name, var in lazy_found.items()
-        }
-        mean, std = compute_stats(stat_arrays)
+            moments.append((*compute_stats(stat_arrays), t1 - t0))
+    mean, std = _pooled(moments)
     for v in clim_in:
         # anomalies are centred on their climatology: normalized zero is the
         # climatology, which amplitude augmentation scales about
         mean[v] = 0.0
     attrs = {
         name: {a: var.attrs[a] for a in _CF_ATTRS if a in var.attrs}
-        for name, var in targets.items()
+        for name, var in grids[0]["targets"].items()
     }
 
-    data = pair_arrays(
-        cds,
-        fds,
-        config.in_vars,
-        config.out_vars,
-        config.factor,
-        mean,
-        std,
-        time_dim=time_dim,
-        static_vars=config.static_vars,
-        static=channels,
-        input_climatology=clim_in,
-        output_climatology=clim_out,
-        load=opts.in_memory,
-    )
+    sets = []
+    for g in grids:
+        data = pair_arrays(
+            g["cds"],
+            g["fds"],
+            config.in_vars,
+            config.out_vars,
+            config.factor,
+            mean,
+            std,
+            time_dim=time_dim,
+            static_vars=config.static_vars,
+            static=channels,
+            input_climatology=clim_in,
+            output_climatology=clim_out,
+            load=opts.in_memory,
+        )
+        sets.append(data)
+    first = grids[0]
     dsr = Downscaler.from_config(
         config,
         seed=seed,
@@ -208,17 +279,24 @@ def train(
         std=std,
         units=units,
         attrs=attrs,
-        nonnegative=list(nonnegative),
-        grid=training_grid(cds[ydim], cds[xdim]),
+        nonnegative=sorted({*nonnegative, *(v for v in transforms if v in config.out_vars)}),
+        grid=training_grid(*(first["cds"][d] for d in first["dims"]), multi_resolution=multi),
         input_climatology=clim_in,
         output_climatology=clim_out,
         static=stored,
         static_packing=packing,
+        transforms=transforms,
     )
+    if first["res_km"] is not None:
+        # the resolution embedding reads the grid's spacing (older models: a constant)
+        spacings = [float(g["res_km"]) for g in grids]
+        dsr.grid["res_km"] = spacings if multi else spacings[0]
     crop = tuple(crop) if crop is not None else tuple(config.img_size)
-    h, w = data.coarse.shape[-2:]
+    h = min(d.coarse.shape[-2] for d in sets)
+    w = min(d.coarse.shape[-1] for d in sets)
     # the windows training sees: downscaling a smaller grid warns
     dsr.grid["window"] = [min(int(crop[0]), h), min(int(crop[1]), w)]
+    crop = tuple(dsr.grid["window"])
     if opts.augment not in ("auto", "scale", "none"):
         raise ValueError(f"augment must be 'auto', 'scale' or 'none', got {opts.augment!r}")
     if opts.augment == "scale" and not clim_in:
@@ -226,23 +304,31 @@ def train(
             "augment='scale' scales anomalies about their climatology: it needs climatology=True"
         )
     scaling = opts.augment == "scale" or (opts.augment == "auto" and bool(clim_in))
-    if crops_per_time is None:
-        crops_per_time = max(1, (h // min(crop[0], h)) * (w // min(crop[1], w)))
-        if scaling:
-            # every draw has its own amplitude: a small set gains from several per epoch
-            crops_per_time = max(crops_per_time, MIN_AUGMENTED_DRAWS)
-    crops = PairedCrops(
-        data.select(train_idx),
-        crop,
-        config.factor,
-        crops_per_time,
-        seed,
-        scale=tuple(opts.augment_scale) if scaling else None,
-        scaled=[config.in_vars.index(v) for v in clim_in],
-        mix=tuple(opts.augment_mix) if scaling and opts.augment_mix else None,
-        samples=samples_per_epoch,
-    )
-    val = data.select(val_idx) if len(val_idx) else None
+    parts = []
+    for data, g in zip(sets, grids, strict=True):
+        per_time = crops_per_time
+        if per_time is None:
+            ny, nx = data.coarse.shape[-2:]
+            per_time = max(1, (ny // crop[0]) * (nx // crop[1]))
+            if scaling:
+                # every draw has its own amplitude: a small set gains from several per epoch
+                per_time = max(per_time, MIN_AUGMENTED_DRAWS)
+        parts.append(
+            PairedCrops(
+                data.select(g["train_idx"]),
+                crop,
+                config.factor,
+                per_time,
+                seed,
+                scale=tuple(opts.augment_scale) if scaling else None,
+                scaled=[config.in_vars.index(v) for v in clim_in],
+                mix=tuple(opts.augment_mix) if scaling and opts.augment_mix else None,
+                samples=samples_per_epoch,
+            )
+        )
+    crops = parts[0] if not multi else CropMix(parts)
+    vals = [d.select(g["val_idx"]) for d, g in zip(sets, grids, strict=True) if len(g["val_idx"])]
+    val = (vals or None) if multi else (vals[0] if vals else None)
     state = None
     if resume:
         where = checkpoint_dir if resume is True else resume
@@ -269,6 +355,51 @@ def train(
         history = fit(dsr, crops, val, opts, resume=state, stop_after=stop_after)
     dsr.history = history
     return dsr
+
+
+def _pairs(coarse, fine, multi: bool, climatology: bool, static) -> list[tuple[Any, Any]]:
+    """``(coarse, fine)`` pairs: one, or one per grid when lists are given."""
+    if not multi:
+        if isinstance(fine, (list, tuple)):
+            raise TypeError("fine is a list but coarse is not: give both as lists of pairs")
+        return [(coarse, fine)]
+    if not isinstance(fine, (list, tuple)) or len(fine) != len(coarse) or not coarse:
+        raise ValueError(
+            "coarse and fine must be lists of the same length (one pair per grid), got "
+            f"{len(coarse)} coarse and {len(fine) if isinstance(fine, (list, tuple)) else 1} fine"
+        )
+    if len(coarse) > 1 and climatology:
+        raise ValueError(
+            "training on several grids needs climatology=False: a climatology is a per-pixel "
+            "field of one grid"
+        )
+    if len(coarse) > 1 and static is not None:
+        raise ValueError(
+            "training on several grids takes no static=: static fields are stored on one grid"
+        )
+    return list(zip(coarse, fine, strict=True))
+
+
+def _pooled(
+    moments: Sequence[tuple[dict[str, float], dict[str, float], int]],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and std over several sets from each one's ``(mean, std, time steps)``.
+
+    Weighted by time steps (the grids' sizes differ, but each step is one
+    sample of the weather): the pooled variance is the weighted mean of the
+    variances plus the variance of the means.
+    """
+    if len(moments) == 1:
+        return dict(moments[0][0]), dict(moments[0][1])
+    n = np.array([m[2] for m in moments], np.float64)
+    w = n / n.sum()
+    mean, std = {}, {}
+    for name in moments[0][0]:
+        means = np.array([m[0][name] for m in moments])
+        var = np.array([m[1][name] ** 2 for m in moments])
+        mean[name] = float(np.sum(w * means))
+        std[name] = float(np.sqrt(np.sum(w * (var + (means - mean[name]) ** 2))))
+    return mean, std
 
 
 def _chunked(var: xr.DataArray, time_dim: Hashable) -> xr.DataArray:

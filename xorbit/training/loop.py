@@ -27,7 +27,7 @@ import dataclasses
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +42,7 @@ from ..engine import downscale_array
 from ..model.config import ReslimConfig
 from ..model.loss import bayesian_tv_loss
 from ..regrid import upsample_array
-from .samples import PairedArrays, PairedCrops
+from .samples import CropMix, PairedArrays, PairedCrops
 
 __all__ = [
     "TRAIN_PRESETS",
@@ -135,12 +135,6 @@ def lr_factor(step: int, warmup: int, total: int, lr: float, start: float, end: 
     return (end + 0.5 * (lr - end) * (1 + math.cos(math.pi * progress))) / lr
 
 
-def _lat_weights(lat: torch.Tensor, all_lat: np.ndarray) -> torch.Tensor:
-    """cos φ of each sample's rows, normalized by the mean over the whole grid."""
-    norm = float(np.cos(np.deg2rad(all_lat)).clip(min=0).mean())
-    return torch.cos(torch.deg2rad(lat)).clamp(min=0).float() / norm
-
-
 def validate(
     dsr: Downscaler,
     data: PairedArrays,
@@ -174,7 +168,7 @@ def rmse_scores(dsr: Downscaler, sums: np.ndarray) -> dict[str, float]:
 
 def validation_sums(
     dsr: Downscaler,
-    data: PairedArrays,
+    data: PairedArrays | Sequence[PairedArrays],
     *,
     tile: tuple[int, int] | None = None,
     halo: tuple[int, int] | None = None,
@@ -190,10 +184,17 @@ def validation_sums(
     `xorbit.regrid.upsample_array`, as ``.orbit.interpolate`` computes it.
     Pixels where the truth or either prediction is missing are left out of
     both sums.  Data read sample by sample (`FieldStack`) are read and scored
-    ``batch_size`` time steps at a time.
+    ``batch_size`` time steps at a time.  Several sets (grids of other
+    resolutions) add their sums.
     """
     cfg = dsr.config
     total = np.zeros((len(cfg.out_vars), 3))
+    if not isinstance(data, PairedArrays):
+        for part in data:
+            total += validation_sums(
+                dsr, part, tile=tile, halo=halo, device=device, batch_size=batch_size
+            )
+        return total
     if isinstance(data.coarse, np.ndarray):
         parts = [(data.coarse, data.fine)] if len(data) else []
     else:
@@ -208,6 +209,8 @@ def validation_sums(
             coarse,
             fine,
             data.periodic,
+            # models from before the embedding read the grid: their constant
+            res_km=data.res_km if "res_km" in dsr.grid else None,
             tile=tile,
             halo=halo,
             device=device,
@@ -222,6 +225,7 @@ def _chunk_sums(
     fine: np.ndarray,
     periodic: bool,
     *,
+    res_km: float | None = None,
     tile: tuple[int, int] | None,
     halo: tuple[int, int] | None,
     device: str,
@@ -246,6 +250,7 @@ def _chunk_sums(
             device=device,
             # the weights change every epoch: no need to hash them for a cache key
             weights_sha256=f"validation-{id(model)}",
+            res_km=res_km,
         )
     finally:
         model.train(was_training)
@@ -356,8 +361,8 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
 
 def fit(
     dsr: Downscaler,
-    train: PairedCrops,
-    val: PairedArrays | None,
+    train: PairedCrops | CropMix,
+    val: PairedArrays | Sequence[PairedArrays] | None,
     opts: TrainOptions,
     *,
     resume: dict[str, Any] | None = None,
@@ -373,7 +378,7 @@ def fit(
     dsr
         The model with its normalization (training mutates its weights).
     train, val
-        Training crops; held-out whole fields (or None).  With several ranks
+        Training crops; held-out whole fields (or None; or one set per grid).  With several ranks
         each validates every ``world_size``-th time step of ``val`` and the
         error sums are all-reduced: every rank must get the same ``val``.
     opts
@@ -436,17 +441,21 @@ def fit(
         torch.manual_seed(opts.seed + rank)
     amp = device.type == "cuda"
     ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
-    validating = val is not None and len(val) > 0
+    # one set, or one per grid (several resolutions)
+    vals = [] if val is None else [val] if isinstance(val, PairedArrays) else list(val)
+    validating = any(len(v) for v in vals)
     if opts.val_steps is not None and int(opts.val_steps) < 1:
         raise ValueError(f"val_steps must be a positive number of time steps, got {opts.val_steps}")
-    if validating and opts.val_steps is not None and len(val) > opts.val_steps:
-        # a fixed subsample, the same every epoch (and on every rank)
-        keep = np.unique(np.linspace(0, len(val) - 1, max(1, int(opts.val_steps))).round())
-        val = val.select(keep.astype(int))
-    if validating and world_size > 1:
-        # every rank validates its share of the time steps (a rank that waited
-        # for rank 0 to validate everything could time out its collective)
-        val = val.select(slice(rank, None, world_size))
+    for i, part in enumerate(vals):
+        if opts.val_steps is not None and len(part) > opts.val_steps:
+            # a fixed subsample, the same every epoch (and on every rank)
+            keep = np.unique(np.linspace(0, len(part) - 1, max(1, int(opts.val_steps))).round())
+            part = part.select(keep.astype(int))
+        if world_size > 1:
+            # every rank validates its share of the time steps (a rank that waited
+            # for rank 0 to validate everything could time out its collective)
+            part = part.select(slice(rank, None, world_size))
+        vals[i] = part
     for epoch in range(start_epoch, opts.epochs):
         train.set_epoch(epoch)
         order = torch.randperm(
@@ -465,13 +474,15 @@ def fit(
             opts.prefetch,
         )
         try:
-            for step, (x, y, lat) in enumerate(batches):
+            for step, (x, y, rows, res) in enumerate(batches):
                 x, y = x.to(device), y.to(device)
-                lw = (
-                    _lat_weights(lat, train.data.fine_lat).to(device) if opts.lat_weighted else None
-                )
+                lw = rows.to(device) if opts.lat_weighted else None
+                # the grid's spacing, as downscaling will give it (`_chunk_sums`);
+                # the config's constant for a model that records none (NaN: unknown)
+                known = "res_km" in dsr.grid and not bool(torch.isnan(res).any())
+                res_km = res.to(device) if known else None
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    pred = net(x, cfg.in_vars)
+                    pred = net(x, cfg.in_vars, res_km=res_km)
                 loss = bayesian_tv_loss(
                     pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=var_w
                 )
@@ -492,7 +503,7 @@ def fit(
         record = {"epoch": epoch + 1, "loss": running / steps_per_epoch}
         record["lr"] = float(scheduler.get_last_lr()[0])
         if validating:
-            sums = validation_sums(dsr, val, tile=opts.tile, halo=opts.halo, device=opts.device)
+            sums = validation_sums(dsr, vals, tile=opts.tile, halo=opts.halo, device=opts.device)
             scores = rmse_scores(dsr, _sum_over_ranks(sums, world_size, device))
             record.update(scores)  # validation_sums put the model back in training mode
             # one number over all variables: RMSE relative to bicubic, averaged

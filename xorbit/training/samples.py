@@ -13,6 +13,7 @@ reads only its own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -211,7 +212,9 @@ class PairedArrays:
 
     ``coarse [T, C, h, w]`` (NaN kept), ``fine [T, V, h k, w k]`` (NaN kept, a
     missing target), ``fine_lat [h k]`` in degrees, ``times`` the labels of T,
-    ``periodic`` whether the longitude wraps around (validation tiles it so).
+    ``periodic`` whether the longitude wraps around (validation tiles it so),
+    ``res_km`` the coarse grid's spacing for the resolution embedding (``None``:
+    the model's constant).
     """
 
     coarse: np.ndarray | FieldStack
@@ -219,13 +222,14 @@ class PairedArrays:
     fine_lat: np.ndarray
     times: np.ndarray
     periodic: bool = False
+    res_km: float | None = None
 
     def __len__(self) -> int:
         return self.coarse.shape[0]
 
     def select(self, index) -> PairedArrays:
-        return PairedArrays(
-            self.coarse[index], self.fine[index], self.fine_lat, self.times[index], self.periodic
+        return dataclasses.replace(
+            self, coarse=self.coarse[index], fine=self.fine[index], times=self.times[index]
         )
 
 
@@ -355,6 +359,7 @@ def pair_arrays(
         fine_lat=np.asarray(fds[fy].values, np.float64),
         times=np.asarray(times),
         periodic=bool(grid.is_global_longitude(cds[xdim], cds)),
+        res_km=grid.spacing_km(cds, ydim, xdim),
     )
 
 
@@ -428,6 +433,7 @@ class PairedCrops(torch.utils.data.Dataset):
         self.crop = (min(int(crop[0]), h), min(int(crop[1]), w))
         self.crops_per_time = max(1, int(crops_per_time))
         self.epoch = 0
+        self._lat_norm: float | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -475,6 +481,61 @@ class PairedCrops(torch.utils.data.Dataset):
         )
 
     def batch(self, indices: Sequence[int]):
-        """Stack the items ``indices`` into a batch."""
-        items = [self[int(i)] for i in indices]
-        return tuple(torch.stack(parts) for parts in zip(*items, strict=True))
+        """The items ``indices`` as a batch ``(coarse, fine, row weights, res_km)``.
+
+        Row weights are cos(latitude) of each fine row over its mean on the
+        whole grid; ``res_km [B]`` the grid spacing of each item (NaN: the
+        model's constant).
+        """
+        return _stack([self.item(int(i)) for i in indices])
+
+    def item(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Item ``i`` with its row weights and grid spacing (one row of `batch`)."""
+        x, y, lat = self[i]
+        if self._lat_norm is None:
+            # cos(latitude) normalized over the whole grid, not the crop
+            self._lat_norm = float(np.cos(np.deg2rad(self.data.fine_lat)).clip(min=0).mean())
+        rows = torch.cos(torch.deg2rad(lat)).clamp(min=0).float() / self._lat_norm
+        res = self.data.res_km
+        return x, y, rows, torch.tensor(np.nan if res is None else float(res), dtype=torch.float32)
+
+
+def _stack(items: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.stack(parts) for parts in zip(*items, strict=True))
+
+
+class CropMix(torch.utils.data.Dataset):
+    """Several `PairedCrops` (one per grid, e.g. per resolution) as one set.
+
+    Item ``i`` is item ``i - offset`` of the part it falls in; a batch may mix
+    parts (their crops must have one shape).  ``data`` is the first part's.
+    """
+
+    def __init__(self, parts: Sequence[PairedCrops]) -> None:
+        self.parts = list(parts)
+        shapes = {p.crop for p in self.parts}
+        if len(shapes) > 1:
+            raise ValueError(f"the grids' crops differ in shape {sorted(shapes)}; give one crop=")
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    @property
+    def data(self) -> PairedArrays:
+        return self.parts[0].data
+
+    def set_epoch(self, epoch: int) -> None:
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def item(self, i: int) -> tuple[torch.Tensor, ...]:
+        part = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[part].item(i - int(self.offsets[part]))
+
+    def __getitem__(self, i: int):
+        return self.item(int(i))[:3]
+
+    def batch(self, indices: Sequence[int]):
+        """As `PairedCrops.batch`, items from any part."""
+        return _stack([self.item(int(i)) for i in indices])
