@@ -39,6 +39,8 @@ __all__ = ["OrbitDataArrayAccessor", "OrbitDatasetAccessor", "downscale"]
 
 # Input spacing may differ from the training spacing by this factor before a warning.
 SPACING_TOLERANCE = 1.5
+# The ensemble dimension of MC-dropout members; `xorbit.evaluate`'s default sample_dim.
+SAMPLE_DIM = "sample"
 
 
 class GridWarning(UserWarning):
@@ -122,6 +124,8 @@ def downscale(
     periodic: bool | None = None,
     units: Mapping[str, str] | None = None,
     precision: str = "auto",
+    samples: int | None = None,
+    seed: int = 0,
 ) -> xr.DataArray | xr.Dataset:
     """Downscale coarse fields with a `Downscaler` (see `OrbitDataArrayAccessor.downscale`)."""
     if not isinstance(downscaler, Downscaler):
@@ -189,7 +193,12 @@ def downscale(
         precision=precision,
         weights_sha256=weights_sha256,
         res_km=res_km,
+        samples=samples,
+        seed=seed,
     )
+    # MC-dropout members: a new leading "sample" dimension (the engine's axis 0)
+    ens = () if samples is None else (SAMPLE_DIM,)
+    note = None if samples is None else _ensemble_note(samples, seed)
 
     fine_coords = grid.fine_grid(arrays[cfg.in_vars.index(cfg.out_vars[0])], k, ydim, xdim)
     # a DataArray cannot hold (dim, bnds) coordinates: bounds go with Datasets,
@@ -200,15 +209,18 @@ def downscale(
         coord = array_coords[name].copy()
         coord.attrs.pop("bounds", None)
         array_coords[name] = coord
+    result_coords = {**array_coords, SAMPLE_DIM: _sample_coord(samples)} if ens else array_coords
     results = {}
     for i, name in enumerate(cfg.out_vars):
         src = inputs[name]
         attrs = {**src.attrs, **downscaler.attrs.get(name, {})}
-        attrs["history"] = _history(src.attrs.get("history"), downscaler, weights_sha256)
+        attrs["history"] = _history(src.attrs.get("history"), downscaler, weights_sha256, note)
+        if note:
+            attrs["ensemble"] = note
         result = xr.DataArray(
             out[..., i, :, :],
-            dims=(*lead, ydim, xdim),
-            coords=array_coords,
+            dims=(*ens, *lead, ydim, xdim),
+            coords=result_coords,
             attrs=attrs,
             name=src.name if as_array else name,
         )
@@ -231,7 +243,7 @@ def downscale(
     bounds = {n: _flip(c, flips) for n, c in bounds.items()}
     out_ds = out_ds.assign_coords(bounds)
     out_ds = out_ds.assign_coords({n: _flip(fine_coords[n], flips) for n in (ydim, xdim)})
-    out_ds.attrs["history"] = _history(ds.attrs.get("history"), downscaler, weights_sha256)
+    out_ds.attrs["history"] = _history(ds.attrs.get("history"), downscaler, weights_sha256, note)
     return out_ds
 
 
@@ -295,13 +307,30 @@ def _stored_static(
     return _flip(xr.Dataset(channels), flips)
 
 
-def _history(previous: str | None, dsr: Downscaler, weights_sha256: str) -> str:
+def _history(
+    previous: str | None, dsr: Downscaler, weights_sha256: str, note: str | None = None
+) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     line = (
         f"{now}: downscaled x{dsr.factor} with xorbit {__version__} "
         f"(Reslim, weights sha256 {weights_sha256[:16]})"
     )
+    if note:
+        line += f"; {note}"
     return f"{previous}\n{line}" if previous else line
+
+
+def _ensemble_note(samples: int, seed: int) -> str:
+    return f"{samples} MC-dropout samples along {SAMPLE_DIM!r} (seed {seed})"
+
+
+def _sample_coord(samples: int) -> xr.DataArray:
+    return xr.DataArray(
+        np.arange(samples),
+        dims=SAMPLE_DIM,
+        # CF's name for an ensemble member axis
+        attrs={"standard_name": "realization", "long_name": "MC-dropout ensemble member"},
+    )
 
 
 # --------------------------------------------------------------------------- accessors
@@ -321,6 +350,8 @@ class _OrbitBase:
         periodic: bool | None = None,
         units: Mapping[str, str] | None = None,
         precision: str = "auto",
+        samples: int | None = None,
+        seed: int = 0,
     ) -> Any:
         """Downscale to the model's fine grid with TILES; lazy on Dask input.
 
@@ -357,6 +388,15 @@ class _OrbitBase:
         precision
             ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU), ``"fp32"``,
             ``"bf16"`` or ``"fp16"``.
+        samples
+            ``N``: an MC-dropout ensemble of ``N`` members along a new leading
+            dimension ``sample`` (coordinate ``0 .. N-1``): the model runs ``N``
+            times with its dropout layers drawing masks, everything else as in
+            evaluation.  Costs ``N`` deterministic downscales.  Needs a model
+            trained with dropout.  ``None`` (default): one deterministic output.
+        seed
+            Seed of the members' dropout masks; the members depend on it and on
+            nothing else (not on chunks, ``batch_size`` or laziness).
 
         Inputs whose latitude (or longitude) runs the other way from the
         training grid are flipped to match and the result flipped back; a grid
@@ -369,7 +409,9 @@ class _OrbitBase:
         An object of the same type on the fine grid: Dask-backed (nothing
         computed yet) when the input was, else computed (in one pass for all
         outputs).  Data-variable attrs
-        are kept, ``history`` gains a line, coordinates gain bounds.
+        are kept, ``history`` gains a line, coordinates gain bounds.  With
+        ``samples``: dims ``("sample", *lead, y, x)``, an ``ensemble``
+        attribute and the history line naming ``N`` and the seed.
 
         Raises
         ------
@@ -379,7 +421,8 @@ class _OrbitBase:
             For a variable without the spatial dims; for data outside the
             training domain of a model with stored climatologies or static
             fields (the message says so); `xorbit.units.UnitsError` (a
-            ValueError) for missing or incompatible units.
+            ValueError) for missing or incompatible units; for ``samples``
+            with a model without dropout (``drop_rate`` and ``drop_path`` 0).
         """
         return downscale(
             self._obj,
@@ -392,6 +435,8 @@ class _OrbitBase:
             periodic=periodic,
             units=units,
             precision=precision,
+            samples=samples,
+            seed=seed,
         )
 
     def interpolate(

@@ -8,7 +8,9 @@ Dask input it builds two stages: stage 1 computes each block's weighted
 with its halo), stage 2 is one task per output block that folds in the strips
 of its 3 x 3 neighbours (`xorbit.tiles.fold`).  On numpy input the same two
 steps run on one block in memory.  Training validation calls it too, so a
-model is scored exactly as it will be used.
+model is scored exactly as it will be used.  ``samples=N`` repeats the whole
+computation for ``N`` MC-dropout members (`xorbit.model.mc`), each window's
+dropout masks seeded by its global position (`window_seeds`).
 
 `ModelHandle` is how a model reaches Dask tasks: the task graph holds one
 handle (one key every task depends on), and a handle that is pickled to
@@ -39,6 +41,7 @@ from safetensors.torch import save as st_save
 from ._threads import thread_share, torch_threads
 from .model.checkpoint import weights_hash
 from .model.config import ReslimConfig
+from .model.mc import mc_dropout
 from .model.reslim import Reslim
 from .tiles import (
     TilePlan,
@@ -63,6 +66,7 @@ __all__ = [
     "predict_block",
     "run_model",
     "tile_defaults",
+    "window_seeds",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -219,21 +223,57 @@ def run_model(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     precision: str = "auto",
-    res_km: float | None = None,
+    res_km: float | torch.Tensor | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Model forward over ``x [N, C, h, w]`` in batches; float32 numpy out.
 
     ``res_km``: the input grid's spacing for the resolution embedding (``None``:
-    the config's).
+    the config's).  ``seeds``: one per sample of ``x`` to sample dropout masks
+    (MC dropout, `xorbit.model.mc.mc_dropout`), each sample from its own seed
+    whatever the batch; ``None``: deterministic.
     """
     dev = torch.device(device)
     amp = _autocast(dev, precision)
+    step = max(1, int(batch_size))
+    if seeds is not None and len(seeds) != x.shape[0]:
+        raise ValueError(f"run_model: {len(seeds)} seeds for {x.shape[0]} samples")
     outs = []
     with torch.inference_mode(), amp:
-        for i in range(0, x.shape[0], max(1, int(batch_size))):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(dev)
-            outs.append(model(xb, variables, res_km=res_km).float().cpu().numpy())
+        for i in range(0, x.shape[0], step):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + step])).to(dev)
+            mc = nullcontext() if seeds is None else mc_dropout(model, seeds[i : i + step])
+            with mc:
+                outs.append(model(xb, variables, res_km=res_km).float().cpu().numpy())
     return np.concatenate(outs, axis=0)
+
+
+def window_seeds(
+    seed: int,
+    member: int,
+    tiles: Sequence[tuple[int, int]],
+    lead_shape: Sequence[int],
+    lead_offset: Sequence[int],
+) -> list[int]:
+    """The dropout seed of each window, in ``predict_block``'s order (tile-major).
+
+    A hash (numpy ``SeedSequence``) of the ensemble ``seed``, the ``member``,
+    the tile's global position ``(iy, ix)`` in the plan and the sample's global
+    index along the leading dims: the same window gets the same masks however
+    the array is chunked or batched.
+    """
+    ranges = [range(int(o), int(o) + int(n)) for o, n in zip(lead_offset, lead_shape, strict=True)]
+    leads = list(itertools.product(*ranges))  # C order, as the block's lead reshape
+    n_lead = len(lead_shape)
+    return [
+        int(
+            np.random.SeedSequence([seed, member, iy, ix, n_lead, *lead]).generate_state(
+                1, np.uint64
+            )[0]
+        )
+        for iy, ix in tiles
+        for lead in leads
+    ]
 
 
 def predict_block(
@@ -248,6 +288,8 @@ def predict_block(
     device: str | None = None,
     precision: str = "auto",
     res_km: float | None = None,
+    mc: tuple[int, int] | None = None,
+    lead_offset: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Weighted partial of one block (see the module docstring).
 
@@ -269,6 +311,12 @@ def predict_block(
         Where to run; ``None``: CUDA if this process sees a GPU.
     res_km
         Grid spacing for the resolution embedding (``None``: the config's).
+    mc
+        ``(seed, member)`` to sample dropout masks (one MC-dropout member);
+        ``None``: deterministic.
+    lead_offset
+        Global index of the block's first sample along each leading dim (the
+        dropout seeds depend on it); ``None``: zeros.
     """
     device = device or default_device()
     model = handle.get(device)
@@ -278,6 +326,10 @@ def predict_block(
     tiles = plan.owned(origin[0], origin[0] + core_shape[0], origin[1], origin[1] + core_shape[1])
     windows = np.stack(list(split(flat, plan, origin, tiles)))  # [T, B, C, wy, wx]
     t, b = windows.shape[:2]
+    seeds = None
+    if mc is not None:
+        offset = (0,) * len(lead) if lead_offset is None else tuple(lead_offset)
+        seeds = window_seeds(*mc, tiles, lead, offset)
     pred = run_model(
         model,
         windows.reshape(t * b, *windows.shape[2:]),
@@ -286,6 +338,7 @@ def predict_block(
         device=device,
         precision=precision,
         res_km=res_km,
+        seeds=seeds,
     )
     pred = pred.reshape(t, b, *pred.shape[1:])
     partial = merge(list(pred), plan, origin, tiles, core_shape, dtype=np.float32)
@@ -346,6 +399,8 @@ def downscale_array(
     precision: str = "auto",
     weights_sha256: str | None = None,
     res_km: float | None = None,
+    samples: int | None = None,
+    seed: int = 0,
 ) -> np.ndarray | da.Array:
     """Downscale coarse fields ``(..., C, ny, nx)`` to ``(..., V, ny k, nx k)``.
 
@@ -374,11 +429,27 @@ def downscale_array(
     res_km
         The coarse grid's spacing in km for the resolution embedding
         (`xorbit.grid.spacing_km`); ``None``: ``config.res_km``.
+    samples
+        ``N`` for an MC-dropout ensemble of ``N`` members: the model runs ``N``
+        times with dropout masks drawn (everything else as in evaluation), and
+        the result gains a leading axis of length ``N``.  ``None``: one
+        deterministic output.
+    seed
+        The ensemble's seed.  A window's masks depend only on ``seed``, the
+        member, the tile's position in the global plan and the sample's index
+        along the leading dims: not on chunks, ``batch_size`` or numpy vs Dask.
 
     Returns
     -------
     The outputs ``downscaler.out_vars`` in physical units, float32; NaN where the
     coarse input of the same variable was NaN; non-negative variables clamped.
+    With ``samples``: ``(samples, ..., V, ny k, nx k)``.
+
+    Raises
+    ------
+    ValueError
+        For input of the wrong shape, an unknown precision, or ``samples`` with a
+        model trained without dropout (``drop_rate`` and ``drop_path`` both 0).
     """
     cfg = downscaler.config
     n_in = len(cfg.in_vars)
@@ -392,6 +463,7 @@ def downscale_array(
         raise ValueError(f"cannot downscale an empty grid of shape ({ny}, {nx})")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    members = _members(cfg, samples, seed)
     tile, halo = tile_defaults(cfg.img_size, tile, halo, (ny, nx), bool(periodic))
     plan = TilePlan.build((ny, nx), tile, halo, cfg.factor, periodic=(False, bool(periodic)))
     handle = ModelHandle(downscaler.model, weights_sha256 or downscaler.weights_sha256)
@@ -421,11 +493,55 @@ def downscale_array(
         res_km=None if res_km is None else float(res_km),
     )
     finish = dict(mean=out_mean, std=out_std, floor=floor, factor=cfg.factor)
+    if members is not None:
+        # one member: the deterministic graph with sampled masks.  On Dask the
+        # members are separate graphs stacked (sharing the input and the model
+        # node), so members run in parallel and each output chunk holds one
+        # member, as a per-member task axis would not
+        if isinstance(x, da.Array):
+            x = x.astype(np.float32)
+            return da.stack(
+                [
+                    _downscale_dask(x, out_idx, {**run, "mc": mc}, finish, copies=len(members))
+                    for mc in members
+                ]
+            )
+        x = np.asarray(x, dtype=np.float32)
+        padded = pad_halo(x, plan)
+        return np.stack(
+            [
+                _finish(
+                    fold_alone(
+                        _predict(padded, origin=(0, 0), core_shape=(ny, nx), mc=mc, **run), plan
+                    ),
+                    x[..., out_idx, :, :],
+                    **finish,
+                )
+                for mc in members
+            ]
+        )
     if isinstance(x, da.Array):
         return _downscale_dask(x.astype(np.float32), out_idx, run, finish)
     x = np.asarray(x, dtype=np.float32)
     partial = _predict(pad_halo(x, plan), origin=(0, 0), core_shape=(ny, nx), **run)
     return _finish(fold_alone(partial, plan), x[..., out_idx, :, :], **finish)
+
+
+def _members(cfg: ReslimConfig, samples: int | None, seed: int) -> list[tuple[int, int]] | None:
+    """``(seed, member)`` of each MC-dropout member, checked; ``None`` when deterministic."""
+    if samples is None:
+        return None
+    if isinstance(samples, bool) or int(samples) != samples or samples < 1:
+        raise ValueError(f"samples must be a positive int (or None), got {samples!r}")
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not cfg.drop_rate and not cfg.drop_path:
+        raise ValueError(
+            "MC-dropout (samples=) needs a model trained with dropout, but this model has "
+            f"drop_rate={cfg.drop_rate} and drop_path={cfg.drop_path}; train one with "
+            "drop_rate > 0 or drop_path > 0 in its ReslimConfig"
+        )
+    return [(int(seed), m) for m in range(int(samples))]
 
 
 def _predict(
@@ -458,8 +574,14 @@ def _finish(
     return np.where(nan, np.float32(np.nan), out).astype(np.float32, copy=False)
 
 
-def _downscale_dask(raw: da.Array, out_idx: list[int], run: dict, finish: dict) -> da.Array:
-    """Stages 1 and 2 on Dask, then denormalize: one task per block each."""
+def _downscale_dask(
+    raw: da.Array, out_idx: list[int], run: dict, finish: dict, copies: int = 1
+) -> da.Array:
+    """Stages 1 and 2 on Dask, then denormalize: one task per block each.
+
+    ``copies``: how many such graphs (MC-dropout members) compute together,
+    for each task's share of the cores.
+    """
     plan: TilePlan = run["plan"]
     k = plan.factor
     hy, hx = plan.halo
@@ -469,7 +591,7 @@ def _downscale_dask(raw: da.Array, out_idx: list[int], run: dict, finish: dict) 
     xchunks = block_chunks(plan.x, raw.chunks[-1][0])
     raw = raw.rechunk((*raw.chunks[:n_lead], raw.shape[-3], ychunks, xchunks))
     handle: ModelHandle = run.pop("handle")
-    partial = _stage1_graph(raw, _model_node(handle), handle.key, plan, n_out, run)
+    partial = _stage1_graph(raw, _model_node(handle), handle.key, plan, n_out, run, copies)
     return _fold_neighbours(
         partial,
         (hy * k, hx * k),
@@ -525,7 +647,13 @@ def _current_client() -> Any:
 
 
 def _stage1_graph(
-    raw: da.Array, node: Any, model_key: str, plan: TilePlan, n_out: int, run: dict
+    raw: da.Array,
+    node: Any,
+    model_key: str,
+    plan: TilePlan,
+    n_out: int,
+    run: dict,
+    copies: int = 1,
 ) -> da.Array:
     """Stage 1 as one task per block: gather the halo from the (up to) 3 x 3
     neighbouring input blocks, normalize, fill NaN and predict the block's
@@ -548,19 +676,24 @@ def _stage1_graph(
     # named by the model, not by the scattered future's random key: the same
     # call builds the same names under any client (zarr resume compares them)
     name = "xorbit-tiles-" + tokenize(raw.name, model_key, plan, run)
-    n_blocks = int(np.prod(raw.numblocks))
+    # the tasks that may run at once: every block of every member
+    n_blocks = int(np.prod(raw.numblocks)) * max(1, int(copies))
     task = functools.partial(_stage1, halo=(hy, hx), n_blocks=n_blocks, **run)
     ny, nx = len(ychunks), len(xchunks)
     yoff = np.concatenate([[0], np.cumsum(ychunks)]).astype(int)
     xoff = np.concatenate([[0], np.cumsum(xchunks)]).astype(int)
+    # each block's first index along the leading dims: MC-dropout seeds use
+    # global indices, so that a sample's masks do not depend on the chunks
+    lead_starts = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in raw.chunks[:n_lead]]
     dsk: dict = {}
     for idx in itertools.product(*[range(n) for n in raw.numblocks[:n_lead]]):
+        lead_offset = tuple(int(s[i]) for s, i in zip(lead_starts, idx, strict=True))
         for iy in range(ny):
             for ix in range(nx):
                 grid_keys = _neighbour_keys(raw.name, (*idx, 0), iy, ix, (ny, nx), plan.x.periodic)
                 origin = (int(yoff[iy]), int(xoff[ix]))
                 core = (int(ychunks[iy]), int(xchunks[ix]))
-                dsk[(name, *idx, 0, iy, ix)] = (task, grid_keys, ref, origin, core)
+                dsk[(name, *idx, 0, iy, ix)] = (task, grid_keys, ref, origin, core, lead_offset)
     deps = [raw, node] if delayed else [raw]
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
     chunks = (
@@ -599,6 +732,7 @@ def _stage1(
     handle: ModelHandle,
     origin: tuple[int, int],
     core_shape: tuple[int, int],
+    lead_offset: tuple[int, ...] = (),
     *,
     halo: tuple[int, int],
     n_blocks: int,
@@ -611,7 +745,14 @@ def _stage1(
     """
     block = gather_halo(neighbours, halo)
     with torch_threads(thread_share(tasks=n_blocks)):
-        return _predict(block, handle=handle, origin=origin, core_shape=core_shape, **run)
+        return _predict(
+            block,
+            handle=handle,
+            origin=origin,
+            core_shape=core_shape,
+            lead_offset=lead_offset,
+            **run,
+        )
 
 
 def _fold_neighbours(

@@ -8,6 +8,8 @@ returns radially averaged spectra separately.
 A prediction with a ``sample`` dimension is an ensemble: the deterministic
 scores use its mean, the distributional ones (quantiles, trends, spectra) each
 member, and ``crps`` / ``spread_skill`` the members against each other.
+`spread_scale` fits the one factor that makes an ensemble's spread match its
+error, `scale_spread` applies it (calibrating MC-dropout members).
 
 Libraries do the field's standard computations: xskillscore the CRPS, xrft the
 Fourier spectra of RALSD.  The means over every pixel and time (rmse, mae, bias,
@@ -44,6 +46,8 @@ __all__ = [
     "r2",
     "ralsd",
     "rmse",
+    "scale_spread",
+    "spread_scale",
     "spread_skill",
     "ssim",
     "trend",
@@ -511,6 +515,70 @@ def spread_skill(
     var = ((p - mean) ** 2).sum(sample_dim, skipna=False) / (n - 1)
     spread = ((n + 1) / n * _mean(var, dims, w)) ** 0.5
     return spread / _mean((mean - t) ** 2, dims, w) ** 0.5
+
+
+def spread_scale(
+    pred,
+    truth,
+    sample_dim: Hashable = "sample",
+    dims: Sequence[Hashable] | None = None,
+    lat_weighted: bool = False,
+):
+    """The factor ``alpha`` by which to scale the members' spread so that `spread_skill` is 1.
+
+    Fit it on calibration data (e.g. years held out from training but not
+    scored), apply it to other data with `scale_spread`.  Scaling every
+    member's deviation from the ensemble mean by ``alpha`` leaves the mean (and
+    its RMSE) unchanged and multiplies the spread by ``alpha``, so ``alpha`` is
+    ``1 / spread_skill(pred, truth)``: above 1 for an over-confident ensemble
+    (MC dropout usually is), below 1 for an under-confident one.
+
+    Parameters
+    ----------
+    pred
+        The ensemble, with ``sample_dim`` (at least 2 members).
+    truth
+        The reference on the same grid, without ``sample_dim``.
+    sample_dim
+        The ensemble-member dimension.
+    dims
+        Dimensions to fit one factor over (all by default: one number per
+        variable); e.g. ``["time"]`` fits one factor per pixel.
+    lat_weighted
+        Cos-latitude weights for the spread and the error, as `spread_skill`.
+
+    Returns
+    -------
+    ``alpha`` as an xarray object (a Dataset of one factor per variable for a
+    Dataset); lazy on Dask input.
+    """
+    return 1 / spread_skill(pred, truth, sample_dim, dims, lat_weighted)
+
+
+def scale_spread(pred, alpha, sample_dim: Hashable = "sample"):
+    """The ensemble with its spread scaled: ``mean + alpha (member - mean)``.
+
+    Parameters
+    ----------
+    pred
+        The ensemble, with ``sample_dim``.
+    alpha
+        A number, or an xarray object broadcasting against ``pred`` (what
+        `spread_scale` returns: a Dataset applies per variable).
+    sample_dim
+        The ensemble-member dimension.
+
+    Returns
+    -------
+    Same type, dims and attributes as ``pred``; lazy on Dask input.  The
+    ensemble mean is unchanged; NaN stays NaN.  A variable bounded below (a
+    precipitation clamped at 0) is not clamped again: clip it if it matters.
+    """
+    _require_dim(pred, sample_dim, "scale_spread")
+    with xr.set_options(keep_attrs=True):
+        mean = pred.mean(sample_dim, skipna=False)
+        out = mean + alpha * (pred - mean)
+    return out.transpose(*pred.dims)
 
 
 # --------------------------------------------------------------------- evaluate
