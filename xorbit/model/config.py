@@ -58,6 +58,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 TRAINING_KEYS = ("lr", "batch_size", "weight_decay", "warmup_epochs", "tv_lambda", "var_weights")
 
 Unpatchify = Literal["local", "reference"]
+Tokens = Literal["uniform", "adaptive"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -105,6 +110,20 @@ class ReslimConfig:
         at zero, so an untrained model is that interpolation (not in the
         reference; it extrapolates to values outside the training range, see
         docs/training.md).  ``"none"``: the reference architecture.
+    tokens
+        ``"uniform"`` (default): one token per ``patch_size`` patch, as in the
+        reference.  ``"adaptive"``: a quadtree of the token grid, split where
+        the input has edges, gives one token per leaf, so smooth regions cost
+        few tokens (`xorbit.model.adaptive`; needs ``unpatchify="local"``).
+    max_tokens
+        Adaptive tokens only: the most tokens per window.  Every window gets
+        ``n_roots + 3 m`` tokens, the largest such number up to ``max_tokens``
+        (``n_roots``: the windows' ``max_leaf x max_leaf`` blocks of tokens).
+        ``None``: a quarter of the window's uniform tokens.
+    max_leaf
+        Adaptive tokens only: the side, in tokens, of the largest leaf (a
+        power of two).  The input is padded to a multiple of
+        ``max_leaf * patch_size`` pixels.
 
     The architecture only: training hyper-parameters (learning rate, batch
     size, TV weight ...) are `xorbit.training.TrainOptions`, with defaults per
@@ -130,6 +149,9 @@ class ReslimConfig:
     learn_pos_embed: bool = True
     unpatchify: Unpatchify = "local"
     interp_skip: Literal["none", "bilinear", "bicubic"] = "bicubic"
+    tokens: Tokens = "uniform"
+    max_tokens: int | None = None
+    max_leaf: int = 8
 
     def __post_init__(self) -> None:
         self.in_vars = list(self.in_vars)
@@ -184,6 +206,22 @@ class ReslimConfig:
             raise ValueError(
                 "ReslimConfig: interp_skip must be 'none', 'bilinear' or 'bicubic', "
                 f"got {self.interp_skip!r}"
+            )
+        if self.tokens not in ("uniform", "adaptive"):
+            raise ValueError(
+                f"ReslimConfig: tokens must be 'uniform' or 'adaptive', got {self.tokens!r}"
+            )
+        leaf = self.max_leaf
+        if not _is_int(leaf) or leaf < 1 or leaf & (leaf - 1):
+            raise ValueError(f"ReslimConfig: max_leaf must be a power of two >= 1, got {leaf!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(
+                f"ReslimConfig: max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}"
+            )
+        if self.tokens == "adaptive" and self.unpatchify != "local":
+            raise ValueError(
+                "ReslimConfig: tokens='adaptive' needs unpatchify='local' (a leaf's pixels go "
+                f"above its own region), got unpatchify={self.unpatchify!r}"
             )
 
     # ------------------------------------------------------------------ presets

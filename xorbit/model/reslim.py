@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import adaptive
 from .config import ReslimConfig
 
 __all__ = ["RES_UNIT_KM", "Reslim", "sincos_pos_embed_2d", "unpatchify"]
@@ -167,11 +168,13 @@ class Reslim(nn.Module):
     whose channels are named by ``variables`` (any subset of ``config.in_vars``,
     in any order, but holding every output and static variable) and returns
     normalized fine fields ``[B, len(config.out_vars), h*k, w*k]``.  Any ``h, w``
-    work: the input is padded to a multiple of the patch size and the output
-    cropped back.
+    work: the input is padded to a multiple of the patch size (adaptive tokens:
+    of ``max_leaf`` patches) and the output cropped back.
 
     The output is ``forward_head(forward_encoder(x)) + residual(x)``; each stage
-    is a method of its own so that it can be tested and reused.
+    is a method of its own so that it can be tested and reused.  With
+    ``config.tokens="adaptive"`` the encoder and head are those of
+    `xorbit.model.adaptive`, on the leaves of ``partition(x)``.
     """
 
     def __init__(self, config: ReslimConfig) -> None:
@@ -194,6 +197,12 @@ class Reslim(nn.Module):
             requires_grad=c.learn_pos_embed,
         )
         self.spatial_embed = nn.Linear(1, d)  # resolution embedding, input in km
+        if c.tokens == "adaptive":
+            # one learnt vector per leaf side 1, 2, 4, ... max_leaf, added to the
+            # averaged position table; zero at first, so that one-token leaves
+            # are exactly the uniform model's tokens
+            n_scales = c.max_leaf.bit_length()
+            self.leaf_embed = nn.Parameter(torch.zeros(n_scales, d))
         self.pos_drop = nn.Dropout(c.drop_rate)
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(
@@ -274,12 +283,49 @@ class Reslim(nn.Module):
             raise ValueError(f"variables names repeat: {variables}")
         return variables
 
+    def _pad_multiple(self) -> int:
+        """Pixels the padded input is a multiple of: the patch, or the largest leaf."""
+        c = self.config
+        return c.patch_size * (c.max_leaf if c.tokens == "adaptive" else 1)
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.config.patch_size
+        p = self._pad_multiple()
         ph, pw = (-x.shape[-2]) % p, (-x.shape[-1]) % p
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         return x
+
+    def num_tokens(self, shape: Sequence[int]) -> int:
+        """Sequence length of the blocks for a coarse window ``(h, w)``.
+
+        Uniform tokens: the patches of the padded window.  Adaptive tokens: the
+        leaves, ``n_roots + 3 m`` up to ``config.max_tokens``.
+        """
+        m = self._pad_multiple()
+        padded = [-(-int(n) // m) * m for n in shape[-2:]]
+        gh, gw = self.token_grid(padded)
+        if self.config.tokens == "uniform":
+            return gh * gw
+        return adaptive.n_leaves((gh, gw), self.config.max_leaf, self.config.max_tokens)
+
+    def partition(self, xp: torch.Tensor, variables: Sequence[str]) -> adaptive.Partition:
+        """The quadtree leaves of padded coarse fields (adaptive tokens only).
+
+        From the edges of the mean of the output variables' channels; computed
+        without gradient on ``xp``'s device.
+        """
+        c = self.config
+        if c.tokens != "adaptive":
+            raise ValueError("Reslim.partition needs a model with tokens='adaptive'")
+        grid = self.token_grid(xp.shape[-2:])
+        tree = adaptive.quadtree(grid, c.max_leaf, xp.device)
+        n_tok = adaptive.n_leaves(grid, c.max_leaf, c.max_tokens)
+        with torch.no_grad():
+            idx = self.channel_indices(variables, c.out_vars)
+            edges = adaptive.edge_pixels(xp.detach()[:, idx].float().mean(dim=1))
+            counts = adaptive.node_counts(edges, tree, c.patch_size)
+            leaves = adaptive.partition(counts, tree, n_tok)
+        return adaptive.Partition(tree, leaves)
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The position table for a token grid, resized bicubically if needed."""
@@ -374,8 +420,13 @@ class Reslim(nn.Module):
         k = self.config.factor
         self.channel_indices(variables, self.config.out_vars + self.config.static_vars)
         xp = self._pad(x)
-        grid = self.token_grid(xp.shape[-2:])
-        out = self.forward_head(self.forward_encoder(xp, variables, res_km), grid)
+        if self.config.tokens == "adaptive":
+            part = self.partition(xp, variables)
+            tokens = adaptive.adaptive_encode(self, xp, variables, res_km, part)
+            out = self.conv_out(adaptive.adaptive_decode(self, tokens, part))
+        else:
+            grid = self.token_grid(xp.shape[-2:])
+            out = self.forward_head(self.forward_encoder(xp, variables, res_km), grid)
         out = out + self.residual(xp, variables)
         if self.config.interp_skip != "none":
             idx = self.channel_indices(variables, self.config.out_vars)
