@@ -197,3 +197,33 @@ def test_downscale_array_with_tiles_is_chunk_invariant():
     )  # fmt: skip
     uni.model.load_state_dict(dsr.model.state_dict(), strict=False)
     assert np.abs(downscale_array(x, uni, tile=4, halo=2, device="cpu") - eager).max() > 1e-3
+
+
+def _greedy(counts, tree, n_tokens):
+    """The definition, one split at a time: the leaf of side > 1 with the most
+    edge pixels (ties: the first in node order, i.e. the larger leaf)."""
+    b, t = counts.shape
+    leaf = torch.zeros(b, t, dtype=torch.bool)
+    leaf[:, : tree.n_roots] = True
+    splittable = (tree.level < tree.n_levels - 1).unsqueeze(0)
+    rows = torch.arange(b)
+    for _ in range((n_tokens - tree.n_roots) // 3):
+        best = torch.where(leaf & splittable, counts.float(), -1.0).argmax(dim=1)
+        leaf[rows, best] = False
+        leaf[rows.unsqueeze(1), tree.children[best]] = True
+    return leaf.nonzero()[:, 1].reshape(b, n_tokens)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.3])
+def test_the_sorted_partition_is_the_greedy_one(density):
+    """One sort gives exactly the leaves of the step-by-step greedy definition
+    (with ties, and for every budget)."""
+    gen = torch.Generator().manual_seed(3)
+    tree = adaptive.quadtree((8, 16), 4)
+    edges = torch.rand(5, 16, 32, generator=gen) < density
+    edges[1] = False  # nothing to choose by: ties everywhere
+    counts = adaptive.node_counts(edges, tree, patch_size=2)
+    for n_tokens in range(tree.n_roots, 8 * 16 + 1, 3):
+        torch.testing.assert_close(
+            adaptive.partition(counts, tree, n_tokens), _greedy(counts, tree, n_tokens)
+        )

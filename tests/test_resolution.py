@@ -10,7 +10,7 @@ from tests.datasets import powerlaw_field
 from tests.test_train import small_config
 from xorbit.accessor import GridWarning
 from xorbit.grid import KM_PER_DEGREE, spacing_km
-from xorbit.model.reslim import RES_UNIT_KM, Reslim
+from xorbit.model.reslim import RES_SCALE, Reslim
 
 
 def field(n, step, lat0=10.0, lon0=200.0, nt=12, seed=0, units=("degrees_north", "degrees_east")):
@@ -74,13 +74,17 @@ def test_the_embedding_reads_one_spacing_per_sample():
         second = model(x[1:], res_km=444.0)
     torch.testing.assert_close(both, torch.cat([first, second]))
     assert not torch.allclose(first, model(x[:1], res_km=444.0))
-    # log(spacing / 100 km) by default; an old config reads kilometres
-    emb = model.resolution_embedding(torch.tensor([RES_UNIT_KM]), torch.zeros(1, 4, 16))
-    torch.testing.assert_close(emb[0, 0], model.spatial_embed.bias)
+    # relative to the model's own spacing by default: its own grid reads RES_SCALE
+    tok = torch.zeros(1, 4, 16)
+    with torch.no_grad():
+        emb = model.resolution_embedding(torch.tensor([2 * model.config.res_km]), tok)
+        want = model.spatial_embed(torch.tensor([[2 * RES_SCALE]]))
+    torch.testing.assert_close(emb[0, 0], want[0])
+    # an old config reads kilometres
     old = xorbit.ReslimConfig.from_dict(
         {k: v for k, v in small_config().to_dict().items() if k != "res_embed"}
     )
-    assert old.res_embed == "km" and small_config().res_embed == "log"
+    assert old.res_embed == "km" and small_config().res_embed == "relative"
     with pytest.raises(ValueError, match="res_km has 3 values for a batch of 2"):
         model(x, res_km=torch.tensor([1.0, 2.0, 3.0]))
 

@@ -20,10 +20,11 @@ from torch import nn
 from . import adaptive
 from .config import ReslimConfig
 
-__all__ = ["RES_UNIT_KM", "Reslim", "sincos_pos_embed_2d", "unpatchify"]
+__all__ = ["RES_SCALE", "Reslim", "sincos_pos_embed_2d", "unpatchify"]
 
-# The resolution embedding with ``res_embed="log"`` reads log(spacing / this).
-RES_UNIT_KM = 100.0
+# With ``res_embed="relative"`` the resolution embedding reads this on the model's
+# own grid (``config.res_km``): the reference's value for 1 degree.
+RES_SCALE = 111.0
 
 
 # --------------------------------------------------------------------------- blocks
@@ -343,15 +344,16 @@ class Reslim(nn.Module):
     ) -> torch.Tensor:
         """``spatial_embed`` of the grid spacing, ``[1 or B, 1, D]`` to add to tokens.
 
-        The spacing enters as km or as ``log(km / RES_UNIT_KM)`` (``config.res_embed``).
+        The spacing enters as km, or as ``RES_SCALE * km / config.res_km``
+        (``config.res_embed``).
 
         ``res_km``: one value for the batch, one per sample (a tensor ``[B]``), or
         ``None`` for ``config.res_km``.
         """
         res = self.config.res_km if res_km is None else res_km
         res_t = torch.as_tensor(res, dtype=tokens.dtype, device=tokens.device).reshape(-1, 1)
-        if self.config.res_embed == "log":
-            res_t = torch.log(res_t / RES_UNIT_KM)
+        if self.config.res_embed == "relative":
+            res_t = res_t * (RES_SCALE / float(self.config.res_km))
         if res_t.shape[0] not in (1, tokens.shape[0]):
             raise ValueError(
                 f"res_km has {res_t.shape[0]} values for a batch of {tokens.shape[0]} samples"

@@ -215,6 +215,10 @@ def train(
             "training on several grids needs each grid's spacing in km: give the spatial "
             "coordinates units (degrees_north / degrees_east, m or km)"
         )
+    if grids[0]["res_km"] is not None:
+        # the model's own spacing: its resolution embedding reads spacings
+        # relative to it (`ReslimConfig.res_embed`)
+        config = config.replace(res_km=float(grids[0]["res_km"]))
     clim_in: dict[str, xr.DataArray] = {}
     clim_out: dict[str, xr.DataArray] = {}
     moments = []
