@@ -14,6 +14,7 @@ from torch import nn
 import xorbit
 import xorbit.engine as engine
 from tests.datasets import powerlaw_field, tiny_config
+from tests.test_accessor import coarse_field
 from xorbit.engine import ModelHandle, downscale_array, run_model
 from xorbit.metrics import crps, mae, scale_spread, spread_scale, spread_skill
 from xorbit.model.mc import mc_dropout
@@ -278,25 +279,6 @@ def test_a_model_without_dropout_is_refused():
 
 
 # ------------------------------------------------------------------ xarray
-
-
-def coarse_field(data):
-    nt, ny, nx = data.shape
-    return xr.DataArray(
-        data,
-        dims=("time", "lat", "lon"),
-        coords={
-            "time": np.arange(nt),
-            "lat": xr.DataArray(
-                15.0 + 5 * np.arange(ny), dims="lat", attrs={"units": "degrees_north"}
-            ),
-            "lon": xr.DataArray(
-                225.0 + 7.5 * np.arange(nx), dims="lon", attrs={"units": "degrees_east"}
-            ),
-        },
-        name="tas",
-        attrs={"units": "K", "standard_name": "air_temperature", "long_name": "Air temp"},
-    )
 
 
 @pytest.fixture(scope="module")
