@@ -4,8 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# The CPU build that lies on the development machines' disk.  Elsewhere,
-# override it: `make test TORCH_SPEC=torch` takes whatever pip finds.
+# The torch requirement; override it for another build, e.g.
+# `make test TORCH_SPEC=torch` takes whatever pip finds.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
