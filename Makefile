@@ -8,6 +8,7 @@ PY     := $(VENV)/bin/python
 # `make test TORCH_SPEC=torch` takes whatever pip finds.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
 .PHONY: demo test test-all lint format bench clean venv
 
@@ -36,6 +37,15 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The documentation site in site/ (mkdocs-material + mkdocstrings); open site/index.html.
+.PHONY: docs
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e ".[docs]" "$(TORCH_SPEC)"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done

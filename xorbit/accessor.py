@@ -398,20 +398,15 @@ class _OrbitBase:
             Seed of the members' dropout masks; the members depend on it and on
             nothing else (not on chunks, ``batch_size`` or laziness).
 
-        Inputs whose latitude (or longitude) runs the other way from the
-        training grid are flipped to match and the result flipped back; a grid
-        spacing more than 1.5 times off the training spacing warns
-        (`xorbit.accessor.GridWarning`).  An unnamed DataArray is taken as the
-        model's one non-static input; with several, name it.
-
         Returns
         -------
-        An object of the same type on the fine grid: Dask-backed (nothing
-        computed yet) when the input was, else computed (in one pass for all
-        outputs).  Data-variable attrs
-        are kept, ``history`` gains a line, coordinates gain bounds.  With
-        ``samples``: dims ``("sample", *lead, y, x)``, an ``ensemble``
-        attribute and the history line naming ``N`` and the seed.
+        xarray.DataArray or xarray.Dataset
+            An object of the same type on the fine grid: Dask-backed (nothing
+            computed yet) when the input was, else computed (in one pass for all
+            outputs).  Data-variable attrs
+            are kept, ``history`` gains a line, coordinates gain bounds.  With
+            ``samples``: dims ``("sample", *lead, y, x)``, an ``ensemble``
+            attribute and the history line naming ``N`` and the seed.
 
         Raises
         ------
@@ -423,6 +418,14 @@ class _OrbitBase:
             fields (the message says so); `xorbit.units.UnitsError` (a
             ValueError) for missing or incompatible units; for ``samples``
             with a model without dropout (``drop_rate`` and ``drop_path`` 0).
+
+        Notes
+        -----
+        Inputs whose latitude (or longitude) runs the other way from the
+        training grid are flipped to match and the result flipped back; a grid
+        spacing more than 1.5 times off the training spacing warns
+        (`xorbit.accessor.GridWarning`).  An unnamed DataArray is taken as the
+        model's one non-static input; with several, name it.
         """
         return downscale(
             self._obj,

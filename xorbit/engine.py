@@ -441,9 +441,10 @@ def downscale_array(
 
     Returns
     -------
-    The outputs ``downscaler.out_vars`` in physical units, float32; NaN where the
-    coarse input of the same variable was NaN; non-negative variables clamped.
-    With ``samples``: ``(samples, ..., V, ny k, nx k)``.
+    numpy.ndarray or dask.array.Array
+        The outputs ``downscaler.out_vars`` in physical units, float32; NaN where the
+        coarse input of the same variable was NaN; non-negative variables clamped.
+        With ``samples``: ``(samples, ..., V, ny k, nx k)``.
 
     Raises
     ------

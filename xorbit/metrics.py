@@ -549,8 +549,9 @@ def spread_scale(
 
     Returns
     -------
-    ``alpha`` as an xarray object (a Dataset of one factor per variable for a
-    Dataset); lazy on Dask input.
+    xarray.Dataset or xarray.DataArray
+        ``alpha`` as an xarray object (a Dataset of one factor per variable for a
+        Dataset); lazy on Dask input.
     """
     return 1 / spread_skill(pred, truth, sample_dim, dims, lat_weighted)
 
@@ -570,9 +571,10 @@ def scale_spread(pred, alpha, sample_dim: Hashable = "sample"):
 
     Returns
     -------
-    Same type, dims and attributes as ``pred``; lazy on Dask input.  The
-    ensemble mean is unchanged; NaN stays NaN.  A variable bounded below (a
-    precipitation clamped at 0) is not clamped again: clip it if it matters.
+    xarray.DataArray or xarray.Dataset
+        Same type, dims and attributes as ``pred``; lazy on Dask input.  The
+        ensemble mean is unchanged; NaN stays NaN.  A variable bounded below (a
+        precipitation clamped at 0) is not clamped again: clip it if it matters.
     """
     _require_dim(pred, sample_dim, "scale_spread")
     with xr.set_options(keep_attrs=True):
@@ -667,15 +669,16 @@ def evaluate(
 
     Returns
     -------
-    ``xr.Dataset`` with dimension ``variable`` (``(method, variable)`` for a
-    dict, the method coordinate in the dict's order) and data variables
-    ``rmse``, ``mae``, ``bias``, ``r2``, ``pearson``, ``ssim``, ``psnr``;
-    ``ralsd`` on maps of at least 8 x 8 pixels; with more than one time step ``anomaly_r2``, ``p99_bias``,
-    ``p01_bias``; with more than two dated steps ``trend_bias``; for an
-    ensemble ``crps`` and ``spread_skill``; ``_latw`` variants of rmse, mae,
-    the quantile, trend and crps scores on latitude grids; the baseline scores.
-    A score one method of a dict lacks (crps of a deterministic one) is NaN.
-    Lazy on Dask input: call ``.compute()``.
+    xarray.Dataset
+        ``xr.Dataset`` with dimension ``variable`` (``(method, variable)`` for a
+        dict, the method coordinate in the dict's order) and data variables
+        ``rmse``, ``mae``, ``bias``, ``r2``, ``pearson``, ``ssim``, ``psnr``;
+        ``ralsd`` on maps of at least 8 x 8 pixels; with more than one time step ``anomaly_r2``, ``p99_bias``,
+        ``p01_bias``; with more than two dated steps ``trend_bias``; for an
+        ensemble ``crps`` and ``spread_skill``; ``_latw`` variants of rmse, mae,
+        the quantile, trend and crps scores on latitude grids; the baseline scores.
+        A score one method of a dict lacks (crps of a deterministic one) is NaN.
+        Lazy on Dask input: call ``.compute()``.
 
     Raises
     ------

@@ -229,6 +229,8 @@ def report(
     variable
         The variable to plot when Datasets are given.
 
+    Notes
+    -----
     The data are loaded (pooled quantiles need every value).
 
     Raises

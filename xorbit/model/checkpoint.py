@@ -121,8 +121,9 @@ def load_checkpoint(
 
     Returns
     -------
-    (model, metadata): the model in eval mode on ``map_location`` and the full
-    metadata dictionary (``metadata["extra"]`` is what the writer added).
+    tuple of (Reslim, dict)
+        (model, metadata): the model in eval mode on ``map_location`` and the full
+        metadata dictionary (``metadata["extra"]`` is what the writer added).
 
     Raises
     ------
@@ -200,6 +201,8 @@ def import_orbit2(
     in_vars, out_vars, static_vars
         Variable names in the order the published model was trained with.
 
+    Notes
+    -----
     The training grid is recovered from ``pos_embed`` the way the reference does
     it: ``L`` tokens on a grid twice as wide as high.
     """

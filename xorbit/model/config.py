@@ -128,6 +128,8 @@ class ReslimConfig:
         power of two).  The input is padded to a multiple of
         ``max_leaf * patch_size`` pixels.
 
+    Notes
+    -----
     The architecture only: training hyper-parameters (learning rate, batch
     size, TV weight ...) are `xorbit.training.TrainOptions`, with defaults per
     preset (`xorbit.training.TrainOptions.for_config`).

@@ -74,8 +74,9 @@ def bayesian_tv_loss(
 
     Returns
     -------
-    A scalar tensor: the sum of weighted per-pixel terms divided by the number of
-    valid pixels.
+    torch.Tensor
+        A scalar tensor: the sum of weighted per-pixel terms divided by the number of
+        valid pixels.
 
     Raises
     ------

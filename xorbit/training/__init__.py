@@ -139,8 +139,9 @@ def train(
 
     Returns
     -------
-    The trained `Downscaler`; ``downscaler.history`` holds the per-epoch losses
-    and validation RMSEs (model and bicubic, physical units).
+    Downscaler
+        The trained `Downscaler`; ``downscaler.history`` holds the per-epoch losses
+        and validation RMSEs (model and bicubic, physical units).
     """
     multi = isinstance(coarse, (list, tuple))
     pairs = _pairs(coarse, fine, multi, climatology, static)
