@@ -209,7 +209,11 @@ def downscale(
         coord = array_coords[name].copy()
         coord.attrs.pop("bounds", None)
         array_coords[name] = coord
-    result_coords = {**array_coords, SAMPLE_DIM: _sample_coord(samples)} if ens else array_coords
+    result_coords = (
+        {**array_coords, SAMPLE_DIM: _sample_coord(samples)}
+        if samples is not None
+        else array_coords
+    )
     results = {}
     for i, name in enumerate(cfg.out_vars):
         src = inputs[name]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -98,7 +99,7 @@ def baseline(
         factor = _infer_factor(train[0], train[1], factor)
     if factor is None:
         raise ValueError(f"baseline {method!r}: pass factor= (or train=, to infer it)")
-    options = dict(
+    options: dict[str, Any] = dict(
         factor=factor, periodic=periodic, time_dim=time_dim, window=window, nquantiles=nquantiles
     )
     if isinstance(coarse, xr.Dataset):
@@ -107,14 +108,17 @@ def baseline(
             name: baseline(
                 var,
                 method,
-                train=None if train is None else tuple(_variable(t, name) for t in train),
+                train=None
+                if train is None
+                else (_variable(train[0], name), _variable(train[1], name)),
                 **options,
             )
             for name, var in coarse.data_vars.items()
             if ydim in var.dims and xdim in var.dims
         }
-        fine = xr.Dataset(out, attrs=dict(coarse.attrs))
-        return fine.assign_coords(grid.fine_grid(coarse, factor, ydim, xdim))
+        return xr.Dataset(out, attrs=dict(coarse.attrs)).assign_coords(
+            grid.fine_grid(coarse, factor, ydim, xdim)
+        )
     if periodic is None:
         ydim, xdim = grid.spatial_dims(coarse)
         periodic = grid.is_global_longitude(coarse[xdim], coarse)
@@ -122,12 +126,13 @@ def baseline(
     fine = interpolate(coarse, factor, base, periodic)
     if method in INTERPOLATIONS:
         return fine
+    assert train is not None  # checked above for the TRAINED methods
     coarse_train, fine_train = (_variable(t, coarse.name) for t in train)
     bicubic_train = interpolate(coarse_train, factor, "bicubic", periodic)
     truth = grid.match_grid(fine_train, bicubic_train, label="fine training data", ref_label="grid")
     truth = truth.transpose(*bicubic_train.dims)
     if method == "climatology":
-        correction = (truth - bicubic_train).mean(time_dim)
+        correction = (truth - bicubic_train).mean([time_dim])
         return (fine + correction).assign_attrs(fine.attrs).rename(coarse.name)
     if method == "qdm":
         return _qdm(fine, bicubic_train, truth, time_dim, nquantiles)

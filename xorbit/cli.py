@@ -163,10 +163,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         made = baseline(coarse, m, train=pair, factor=factor)
         predictions[m] = on_pred_grid(made, f"{m} baseline")
     scores = evaluate(predictions, truth, baseline=base).compute()
-    wanted = list(scores.data_vars) if args.scores == "all" else args.scores.split(",")
+    # score names are strings (`evaluate`)
+    wanted = [str(c) for c in scores.data_vars] if args.scores == "all" else args.scores.split(",")
     unknown = [c for c in wanted if c not in scores.data_vars and c not in COMPARE_SCORES]
     if unknown:
-        raise ValueError(f"--scores: unknown scores {unknown}; known: {sorted(scores.data_vars)}")
+        raise ValueError(
+            f"--scores: unknown scores {unknown}; known: {sorted(map(str, scores.data_vars))}"
+        )
     cols = {c: max(12, len(c) + 2) for c in wanted if c in scores.data_vars}
     print("variable".ljust(18) + "method".ljust(14) + "".join(f"{c:>{w}}" for c, w in cols.items()))
     for v in scores.variable.values:

@@ -157,7 +157,7 @@ class Downscaler:
         out = y * s + m
         neg = [i for i, v in enumerate(variables) if v in self.nonnegative]
         if neg:
-            idx = [slice(None)] * out.ndim
+            idx: list[slice | list[int]] = [slice(None)] * out.ndim
             idx[axis] = neg
             out[tuple(idx)] = np.maximum(out[tuple(idx)], 0)
         return out

@@ -45,6 +45,7 @@ from .model.mc import mc_dropout
 from .model.reslim import Reslim
 from .tiles import (
     TilePlan,
+    _pair,
     block_chunks,
     fold,
     fold_alone,
@@ -158,6 +159,8 @@ class ModelHandle:
                 _CACHE.move_to_end((self.key, dev))
                 return model
             if base is None:
+                # a handle holds either the live model or (unpickled) its payload
+                assert self._payload is not None
                 config, data = self._payload
                 base = Reslim(ReslimConfig.from_dict(config))
                 base.load_state_dict(st_load(data))
@@ -375,10 +378,10 @@ def tile_defaults(
         return (int(shape[0]), int(shape[1])), (0, 0)
     if halo is None:
         halo = tuple(max(1, int(s) // HALO_FRACTION) for s in img_size)
-    halo = (halo, halo) if np.isscalar(halo) else tuple(halo)
+    halo = _pair(halo)
     if tile is None:
         tile = tuple(max(1, int(s) - 2 * int(h)) for s, h in zip(img_size, halo, strict=True))
-    tile = (tile, tile) if np.isscalar(tile) else tuple(tile)
+    tile = _pair(tile)
     for name, val in (("tile", tile), ("halo", halo)):
         if len(val) != 2 or any(int(v) != v for v in val):
             raise ValueError(f"{name} must be an int or a pair of ints, got {val!r}")
@@ -482,7 +485,7 @@ def downscale_array(
         np.float32,
     )[:, None, None]
     out_idx = [cfg.in_vars.index(v) for v in cfg.out_vars]
-    run = dict(
+    run: dict[str, Any] = dict(
         handle=handle,
         plan=plan,
         mean=mean,
@@ -493,17 +496,18 @@ def downscale_array(
         precision=precision,
         res_km=None if res_km is None else float(res_km),
     )
-    finish = dict(mean=out_mean, std=out_std, floor=floor, factor=cfg.factor)
+    finish: dict[str, Any] = dict(mean=out_mean, std=out_std, floor=floor, factor=cfg.factor)
     if members is not None:
         # one member: the deterministic graph with sampled masks.  On Dask the
         # members are separate graphs stacked (sharing the input and the model
         # node), so members run in parallel and each output chunk holds one
         # member, as a per-member task axis would not
         if isinstance(x, da.Array):
-            x = x.astype(np.float32)
+            # a new name: astype is untyped, so mypy would forget x is a dask array
+            x32 = x.astype(np.float32)
             return da.stack(
                 [
-                    _downscale_dask(x, out_idx, {**run, "mc": mc}, finish, copies=len(members))
+                    _downscale_dask(x32, out_idx, {**run, "mc": mc}, finish, copies=len(members))
                     for mc in members
                 ]
             )
@@ -696,7 +700,9 @@ def _stage1_graph(
                 core = (int(ychunks[iy]), int(xchunks[ix]))
                 dsk[(name, *idx, 0, iy, ix)] = (task, grid_keys, ref, origin, core, lead_offset)
     deps = [raw, node] if delayed else [raw]
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    # dask's Array does not match dask's own DaskCollection protocol in its
+    # annotations (__dask_scheduler__), though from_collections accepts it
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)  # type: ignore[arg-type]
     chunks = (
         *raw.chunks[:n_lead],
         (n_out,),
@@ -778,7 +784,7 @@ def _fold_neighbours(
     name = "xorbit-fold-" + tokenize(partial.name, depth, periodic_x, coarse.name, finish)
     ny, nx = partial.numblocks[-2], partial.numblocks[-1]
     lead_blocks = [range(n) for n in partial.numblocks[:-2]]
-    dsk = {}
+    dsk: dict = {}
     for idx in itertools.product(*lead_blocks):
         for iy in range(ny):
             for ix in range(nx):
@@ -791,5 +797,6 @@ def _fold_neighbours(
                     (coarse.name, *idx, iy, ix),
                     finish,
                 )
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[partial, coarse])
+    # see _stage1_graph: dask's Array vs its DaskCollection protocol
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[partial, coarse])  # type: ignore[list-item]
     return da.Array(graph, name, chunks, meta=np.array((), np.float32))

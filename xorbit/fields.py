@@ -45,10 +45,10 @@ def climatology(var: xr.DataArray, time_dim: Hashable, index: Sequence[int]) -> 
     """
     ydim, xdim = grid.spatial_dims(var)
     if time_dim in var.dims:
-        index = np.asarray(index)
-        if not np.array_equal(index, np.arange(var.sizes[time_dim])):
-            var = var.isel({time_dim: index})
-        var = var.mean(time_dim, skipna=True)
+        steps = np.asarray(index)
+        if not np.array_equal(steps, np.arange(var.sizes[time_dim])):
+            var = var.isel({time_dim: steps})
+        var = var.mean([time_dim], skipna=True)
     extra = [d for d in var.dims if d not in (ydim, xdim)]
     if extra:
         raise ValueError(
@@ -118,7 +118,7 @@ def packed_names(name: str, factor: int) -> list[str]:
 
 
 def pack(
-    field: xr.DataArray, factor: int, name: str, like: xr.DataArray
+    field: xr.DataArray, factor: int, name: str, like: xr.DataArray | xr.Dataset
 ) -> dict[str, xr.DataArray]:
     """A fine ``(Y k, X k)`` field as ``k²`` coarse fields on ``like``'s grid (space-to-depth).
 

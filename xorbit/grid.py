@@ -13,8 +13,9 @@ grid (2-D latitude/longitude) is refused with a clear error.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from numbers import Integral
+from typing import Any, TypeVar
 
 import cf_xarray  # noqa: F401  (registers the .cf accessor)
 import numpy as np
@@ -36,6 +37,9 @@ _Y_DIM_NAMES = ("lat", "latitude", "y")
 _X_DIM_NAMES = ("lon", "longitude", "x")
 _LAT_NAMES = ("lat", "latitude")
 _LON_NAMES = ("lon", "longitude")
+# for a function that gives back what it was given: a DataArray, a Dataset or
+# (the caller does not know which) either
+_XarrayT = TypeVar("_XarrayT", xr.DataArray, xr.Dataset, xr.DataArray | xr.Dataset)
 
 # Length of one degree of a great circle on a sphere of radius 6371 km: the
 # reference's resolutions (625, 111, 28 km for 5.625, 1, 0.25 degrees) are this
@@ -131,7 +135,8 @@ def _explicit_bounds(
     bname = coord.attrs.get("bounds")
     if bname is None:
         return None
-    pools = [coord.coords]
+    # coordinates hold DataArrays, a Dataset's variables Variables
+    pools: list[Mapping[Any, xr.DataArray | xr.Variable]] = [coord.coords]
     if isinstance(obj, xr.Dataset):
         pools.insert(0, obj.variables)
     elif isinstance(obj, xr.DataArray):
@@ -523,12 +528,12 @@ def _step_km(coord: xr.DataArray, step: float) -> float | None:
 
 
 def match_grid(
-    other: xr.DataArray | xr.Dataset,
+    other: _XarrayT,
     ref: xr.DataArray | xr.Dataset,
     *,
     label: str = "truth",
     ref_label: str = "prediction",
-) -> xr.DataArray | xr.Dataset:
+) -> _XarrayT:
     """``other`` at ``ref``'s latitude / longitude values, matched by value.
 
     Matching by position would pair a field stored north to south with the

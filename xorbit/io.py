@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Hashable
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -114,13 +115,17 @@ def _information_keepbits(var: xr.DataArray, ydim: str, xdim: str) -> int:
         raise ImportError(
             f"keepbits='auto' (variable {var.name!r}) needs xbitinfo: pip install 'xorbit[bitinfo]'"
         ) from err
-    dims = [d for d in (ydim, xdim) if d in var.dims] or list(var.dims)
+    dims: list[Hashable] = [d for d in (ydim, xdim) if d in var.dims] or list(var.dims)
     if not dims:
         return 23  # a scalar: nothing to measure, nothing to gain
     sample = var
     if isinstance(var.data, da.Array):
         sample = var.isel(
-            {d: slice(0, c[0]) for d, c in zip(var.dims, var.chunks, strict=True) if d not in dims}
+            {
+                d: slice(0, c[0])
+                for d, c in zip(var.dims, var.data.chunks, strict=True)
+                if d not in dims
+            }
         )
     sample = sample.astype(np.float32).compute()
     ds = sample.to_dataset(name="v")
@@ -259,8 +264,8 @@ def prepare(
         ds[bname].attrs = {}
     # grid mappings and bounds are variables of their own in CF, not coordinates
     mappings = {v.attrs.get("grid_mapping") for v in ds.data_vars.values()} - {None}
-    bounds = {ds[d].attrs["bounds"] for d in (ydim, xdim)}
-    ds = ds.reset_coords([n for n in ds.coords if n in mappings | bounds])
+    bound_names = {ds[d].attrs["bounds"] for d in (ydim, xdim)}
+    ds = ds.reset_coords([n for n in ds.coords if n in mappings | bound_names])
     ds = _complete_grid_mappings(ds, ydim, xdim)
     for name in mappings & set(ds.variables):
         ds[name].attrs.setdefault("long_name", "coordinate reference system")
@@ -291,8 +296,8 @@ def _auxiliary(ds: xr.Dataset) -> set:
     return aux
 
 
-def _encoding(ds: xr.Dataset, complevel: int) -> dict[str, dict[str, Any]]:
-    enc: dict[str, dict[str, Any]] = {}
+def _encoding(ds: xr.Dataset, complevel: int) -> dict[Hashable, dict[str, Any]]:
+    enc: dict[Hashable, dict[str, Any]] = {}
     aux = _auxiliary(ds)
     for name, var in ds.variables.items():
         if name in aux or var.ndim == 0:
@@ -341,10 +346,10 @@ def to_netcdf(
     )
 
 
-def _zarr_encoding(ds: xr.Dataset, level: int) -> dict[str, dict[str, Any]]:
+def _zarr_encoding(ds: xr.Dataset, level: int) -> dict[Hashable, dict[str, Any]]:
     import zarr.codecs
 
-    enc: dict[str, dict[str, Any]] = {}
+    enc: dict[Hashable, dict[str, Any]] = {}
     for name, var in ds.data_vars.items():
         # zstd behind a byte shuffle (as netCDF's zlib + shuffle): float bytes of
         # equal significance sit together and compress better

@@ -156,7 +156,7 @@ def anomaly_r2(pred, truth, time_dim: Hashable = "time", dims=None):
     it; only getting the year-to-year variations right does.
     """
     p, t = _valid(pred, truth)
-    return r2(p - p.mean(time_dim), t - t.mean(time_dim), dims)
+    return r2(p - p.mean([time_dim]), t - t.mean([time_dim]), dims)
 
 
 def pearson(pred, truth, dims: Sequence[Hashable] | None = None):
@@ -184,7 +184,7 @@ def _ssim_2d(a: np.ndarray, b: np.ndarray, data_range, win: int = 7) -> np.ndarr
     return s[..., pad : s.shape[-2] - pad, pad : s.shape[-1] - pad].mean(axis=(-2, -1))
 
 
-def ssim(pred, truth, data_range: float | None = None) -> xr.DataArray:
+def ssim(pred, truth, data_range: float | xr.DataArray | None = None) -> xr.DataArray:
     """Structural similarity of each 2-D map, averaged over the other dims.
 
     ``data_range`` defaults to the truth's max - min (computed lazily on Dask
@@ -211,12 +211,13 @@ def ssim(pred, truth, data_range: float | None = None) -> xr.DataArray:
     return per_map.mean()
 
 
-def psnr(pred, truth, data_range: float | None = None) -> xr.DataArray:
+def psnr(pred, truth, data_range: float | xr.DataArray | None = None) -> xr.DataArray:
     """Peak signal-to-noise ratio in dB, ``10 log10(range² / MSE)``."""
     p, t = _valid(pred, truth)
     if data_range is None:
         data_range = t.max() - t.min()
-    return 10 * np.log10(data_range**2 / ((p - t) ** 2).mean())
+    # a NumPy ufunc of a DataArray is a DataArray (__array_ufunc__), not as typed
+    return 10 * np.log10(data_range**2 / ((p - t) ** 2).mean())  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------ climate statistics
@@ -260,8 +261,8 @@ def trend(x: xr.DataArray, time_dim: Hashable = "time") -> xr.DataArray:
     years = fractional_year(x[time_dim]).where(x.notnull())
     # cov(years, x) / var(years) over the same steps; ddof cancels.  Unlike
     # xskillscore.linslope it is plain reductions, so time may stay chunked.
-    return (10 * xr.cov(years, x, time_dim) / xr.cov(years, years, time_dim)).drop_vars(
-        time_dim, errors="ignore"
+    return (10 * xr.cov(years, x, [time_dim]) / xr.cov(years, years, [time_dim])).drop_vars(
+        [time_dim], errors="ignore"
     )
 
 
@@ -392,7 +393,8 @@ def ralsd(pred, truth) -> xr.DataArray:
     log_ratio = 10 * np.log10(
         _isotropic_spectrum(p, ydim, xdim) / _isotropic_spectrum(t, ydim, xdim)
     )
-    return ((log_ratio**2).mean("freq_r") ** 0.5).mean()
+    # log_ratio is a DataArray: NumPy's ufuncs keep it one (__array_ufunc__)
+    return ((log_ratio**2).mean("freq_r") ** 0.5).mean()  # type: ignore[arg-type]
 
 
 def _radial_spectrum(a: np.ndarray, nbins: int) -> np.ndarray:
@@ -511,8 +513,8 @@ def spread_skill(
     w = _weights(t, lat_weighted)
     # _valid left every member or none at a point: skipna=False keeps masked
     # points NaN without the 0/0 warnings of a NaN-skipping variance
-    mean = p.mean(sample_dim, skipna=False)
-    var = ((p - mean) ** 2).sum(sample_dim, skipna=False) / (n - 1)
+    mean = p.mean([sample_dim], skipna=False)
+    var = ((p - mean) ** 2).sum([sample_dim], skipna=False) / (n - 1)
     spread = ((n + 1) / n * _mean(var, dims, w)) ** 0.5
     return spread / _mean((mean - t) ** 2, dims, w) ** 0.5
 

@@ -8,7 +8,7 @@ truth's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import xarray as xr
@@ -125,7 +125,7 @@ def training_curves(history: list[dict[str, float]], title: str | None = None):
     return fig
 
 
-def _field(obj: xr.DataArray | xr.Dataset, variable: str | None, what: str) -> xr.DataArray:
+def _field(obj: xr.DataArray | xr.Dataset, variable: Hashable | None, what: str) -> xr.DataArray:
     """The DataArray to plot: ``obj`` itself, or its ``variable`` (or only variable)."""
     if isinstance(obj, xr.DataArray):
         return obj
@@ -136,7 +136,9 @@ def _field(obj: xr.DataArray | xr.Dataset, variable: str | None, what: str) -> x
             )
         (variable,) = obj.data_vars
     if variable not in obj.data_vars:
-        raise ValueError(f"{what} has no variable {variable!r} (it has {sorted(obj.data_vars)})")
+        raise ValueError(
+            f"{what} has no variable {variable!r} (it has {sorted(map(str, obj.data_vars))})"
+        )
     return obj[variable]
 
 

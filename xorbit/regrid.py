@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from . import grid
+from .grid import _XarrayT
 
 __all__ = [
     "METHODS",
@@ -171,11 +172,11 @@ def _apply_spatial(data, shape_out, dtype, func, *args):
 
 
 def interpolate(
-    obj: xr.DataArray | xr.Dataset,
+    obj: _XarrayT,
     factor: int,
     method: str = "bicubic",
     periodic: bool | None = None,
-) -> xr.DataArray | xr.Dataset:
+) -> _XarrayT:
     """Interpolate every spatial variable ``factor`` times finer (lazy on Dask input).
 
     Parameters

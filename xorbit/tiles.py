@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -142,6 +143,13 @@ class AxisPlan:
         return start + np.arange(self.window * factor)
 
 
+def _pair(value: Any) -> tuple[Any, ...]:
+    """``(value, value)`` for a scalar (NumPy's included), else ``tuple(value)``."""
+    # a function rather than an inline conditional: np.isscalar narrows only
+    # its True branch for mypy, so the sequence branch would not type-check
+    return (value, value) if np.isscalar(value) else tuple(value)
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """Tiles over a 2-D ``(ny, nx)`` grid: the product of two axis plans."""
@@ -160,9 +168,7 @@ class TilePlan:
         periodic: bool | Sequence[bool] = (False, False),
     ) -> TilePlan:
         """Plan for a grid of ``shape = (ny, nx)``; scalars apply to both axes."""
-        tile = (tile, tile) if np.isscalar(tile) else tuple(tile)
-        halo = (halo, halo) if np.isscalar(halo) else tuple(halo)
-        periodic = (periodic, periodic) if np.isscalar(periodic) else tuple(periodic)
+        tile, halo, periodic = _pair(tile), _pair(halo), _pair(periodic)
         if int(factor) < 1:
             raise ValueError(f"tile plan: factor must be >= 1, got {factor}")
         return cls(
@@ -295,6 +301,7 @@ def fold(neighbours: Sequence[Sequence[np.ndarray | None]], depth: tuple[int, in
     """
     dy, dx = depth
     centre = neighbours[1][1]
+    assert centre is not None, "fold: the block itself (neighbours[1][1]) is missing"
     out = centre[..., dy : centre.shape[-2] - dy, dx : centre.shape[-1] - dx].copy()
     ny, nx = out.shape[-2:]
     for i, row in enumerate(neighbours):
@@ -337,6 +344,7 @@ def gather_halo(
         return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
     middle = row(1, slice(None))
+    assert middle is not None, "gather_halo: the block itself (neighbours[1][1]) is missing"
     if not hy:
         return middle
     top = row(0, slice(-hy, None))
@@ -372,7 +380,7 @@ def fold_alone(partial: np.ndarray, plan: TilePlan) -> np.ndarray:
     """`fold` for one block that covers the whole array: on a periodic axis it is
     its own neighbour."""
     k = plan.factor
-    grid = [[None] * 3 for _ in range(3)]
+    grid: list[list[np.ndarray | None]] = [[None] * 3 for _ in range(3)]
     grid[1][1] = partial
     if plan.x.periodic:
         grid[1][0] = grid[1][2] = partial

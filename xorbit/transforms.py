@@ -73,7 +73,8 @@ def forward(da: xr.DataArray, kind: str) -> xr.DataArray:
     if kind != "log1p":
         raise ValueError(f"unknown transform {kind!r}; known: {sorted(KINDS)}")
     wet = da.where(~(da <= DRY_THRESHOLD), 0)  # NaN <= t is False: NaN stays
-    return np.log1p(wet).assign_attrs(da.attrs)
+    # a NumPy ufunc of a DataArray is a DataArray (__array_ufunc__), not as typed
+    return np.log1p(wet).assign_attrs(da.attrs)  # type: ignore[attr-defined]
 
 
 def inverse(da: xr.DataArray, kind: str) -> xr.DataArray:
@@ -87,4 +88,5 @@ def inverse(da: xr.DataArray, kind: str) -> xr.DataArray:
     if kind != "log1p":
         raise ValueError(f"unknown transform {kind!r}; known: {sorted(KINDS)}")
     wet = np.expm1(da)
-    return wet.where(~(wet <= DRY_THRESHOLD), 0).assign_attrs(da.attrs)
+    # a NumPy ufunc of a DataArray is a DataArray (__array_ufunc__), not as typed
+    return wet.where(~(wet <= DRY_THRESHOLD), 0).assign_attrs(da.attrs)  # type: ignore[attr-defined]

@@ -31,8 +31,9 @@ def _register_water_context() -> None:
         ("[mass] / [length] ** 2 / [time]", "[length] / [time]"),
         ("[mass] / [length] ** 2", "[length]"),
     ):
-        ctx.add_transformation(flux, depth, lambda ureg, x: x / rho)
-        ctx.add_transformation(depth, flux, lambda ureg, x: x * rho)
+        # pint calls a transformation with the context's parameters as keywords
+        ctx.add_transformation(flux, depth, lambda ureg, value, **_: value / rho)
+        ctx.add_transformation(depth, flux, lambda ureg, value, **_: value * rho)
     ureg.add_context(ctx)
 
 

@@ -162,7 +162,8 @@ class ReslimConfig:
         self.in_vars = list(self.in_vars)
         self.out_vars = list(self.out_vars)
         self.static_vars = list(self.static_vars)
-        self.img_size = tuple(int(s) for s in self.img_size)  # YAML gives lists
+        # YAML gives lists; validate() below checks that it is a pair
+        self.img_size = tuple(int(s) for s in self.img_size)  # type: ignore[assignment]
         self.validate()
 
     # ------------------------------------------------------------------ checks

@@ -104,7 +104,10 @@ def _release(key: int) -> None:
 
 
 def _hook(key: int):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    # registered on the Dropout and DropPath layers only (see mc_dropout)
+    def hook(
+        module: nn.Dropout | DropPath, args: tuple, output: torch.Tensor
+    ) -> torch.Tensor | None:
         state = getattr(_ACTIVE, "state", None)
         if state is None or state[0] != key or module.training:
             return None  # another thread, another model, or training's own dropout

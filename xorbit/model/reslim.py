@@ -11,6 +11,7 @@ checkpoints load with ``unpatchify="reference"`` (see `xorbit.model.checkpoint`)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -234,9 +235,11 @@ class Reslim(nn.Module):
             # the correction to the interpolation starts at zero: an untrained
             # model is the interpolation, and training moves away from it only
             # as far as the data ask
-            for last in (self.conv_out, self.path2[-1]):
+            # Sequential's items are typed Module; path2 ends with a Conv2d
+            for last in (self.conv_out, cast(nn.Conv2d, self.path2[-1])):
                 nn.init.zeros_(last.weight)
-                nn.init.zeros_(last.bias)
+                if last.bias is not None:  # always: both are Conv2d with a bias
+                    nn.init.zeros_(last.bias)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -331,7 +334,7 @@ class Reslim(nn.Module):
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The position table for a token grid, resized bicubically if needed."""
         train_grid = self.token_grid(self.config.img_size)
-        pe = self.pos_embed
+        pe: torch.Tensor = self.pos_embed  # a Parameter, then reshaped Tensors
         if tuple(grid) == train_grid:
             return pe
         d = pe.shape[-1]

@@ -165,7 +165,7 @@ def train(
         raise ValueError(f"transforms name static variables {fixed}; transform dynamic ones only")
 
     dynamic = [v for v in config.in_vars if v not in config.static_vars]
-    grids = []  # per pair: datasets, dims, variables, split
+    grids: list[dict[str, Any]] = []  # per pair: datasets, dims, variables, split
     for i, (c, f) in enumerate(pairs):
         cds = as_dataset(c, config.in_vars, candidates=dynamic)
         fds = as_dataset(f, config.out_vars)
@@ -277,6 +277,7 @@ def train(
         )
         sets.append(data)
     first = grids[0]
+    first_y, first_x = (first["cds"][d] for d in first["dims"])
     dsr = Downscaler.from_config(
         config,
         seed=seed,
@@ -285,7 +286,7 @@ def train(
         units=units,
         attrs=attrs,
         nonnegative=sorted({*nonnegative, *(v for v in transforms if v in config.out_vars)}),
-        grid=training_grid(*(first["cds"][d] for d in first["dims"]), multi_resolution=multi),
+        grid=training_grid(first_y, first_x, multi_resolution=multi),
         input_climatology=clim_in,
         output_climatology=clim_out,
         static=stored,
@@ -300,8 +301,9 @@ def train(
     h = min(d.coarse.shape[-2] for d in sets)
     w = min(d.coarse.shape[-1] for d in sets)
     # the windows training sees: downscaling a smaller grid warns
-    dsr.grid["window"] = [min(int(crop[0]), h), min(int(crop[1]), w)]
-    crop = tuple(dsr.grid["window"])
+    window = (min(int(crop[0]), h), min(int(crop[1]), w))
+    dsr.grid["window"] = list(window)
+    crop = window
     if opts.augment not in ("auto", "scale", "none"):
         raise ValueError(f"augment must be 'auto', 'scale' or 'none', got {opts.augment!r}")
     if opts.augment == "scale" and not clim_in:
@@ -336,16 +338,16 @@ def train(
     val = (vals or None) if multi else (vals[0] if vals else None)
     state = None
     if resume:
-        where = checkpoint_dir if resume is True else resume
-        if where is None:
+        resume_from = checkpoint_dir if resume is True else resume
+        if resume_from is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        state = load_state(where)
+        state = load_state(resume_from)
         # the architecture must match; training options (a new lr ...) may change
         saved = ReslimConfig.from_dict(state.get("config", {})).to_dict()
         if saved != config.to_dict():
             diff = sorted(k for k in saved if saved[k] != config.to_dict().get(k))
             raise ValueError(
-                f"cannot resume from {str(where)!r}: it was trained with another model "
+                f"cannot resume from {str(resume_from)!r}: it was trained with another model "
                 f"architecture (differs in {diff})"
             )
     if client is not None:

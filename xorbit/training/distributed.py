@@ -46,7 +46,7 @@ import torch
 from .._threads import available_cores, torch_threads
 from ..downscaler import Downscaler
 from .loop import TrainOptions, fit
-from .samples import PairedArrays, PairedCrops
+from .samples import CropMix, PairedArrays, PairedCrops
 
 __all__ = ["fit_distributed"]
 
@@ -161,8 +161,8 @@ def _rank_main(
     world_size: int,
     run_id: str,
     dsr: Downscaler,
-    train: PairedCrops,
-    val: PairedArrays | None,
+    train: PairedCrops | CropMix,
+    val: PairedArrays | Sequence[PairedArrays] | None,
     opts: TrainOptions,
     resume: dict[str, Any] | None,
     timeout_s: float,
@@ -223,8 +223,8 @@ def _rank_main(
 def fit_distributed(
     client: Any,
     dsr: Downscaler,
-    train: PairedCrops,
-    val: PairedArrays | None,
+    train: PairedCrops | CropMix,
+    val: PairedArrays | Sequence[PairedArrays] | None,
     opts: TrainOptions,
     *,
     resume: dict[str, Any] | None = None,

@@ -27,7 +27,7 @@ import dataclasses
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,8 +195,10 @@ def validation_sums(
                 dsr, part, tile=tile, halo=halo, device=device, batch_size=batch_size
             )
         return total
+    parts: Iterable[tuple[np.ndarray, np.ndarray]]
     if isinstance(data.coarse, np.ndarray):
-        parts = [(data.coarse, data.fine)] if len(data) else []
+        # loaded together: fine is an array too (asarray returns it as it is)
+        parts = [(data.coarse, np.asarray(data.fine))] if len(data) else []
     else:
         step = max(1, int(batch_size))
         parts = (
@@ -272,7 +274,7 @@ def _error_sums(pred: np.ndarray, bicubic: np.ndarray, truth: np.ndarray) -> np.
     return out
 
 
-def _prefetched(load: Callable[[int], Any], n: int, depth: int) -> Iterator[Any]:
+def _prefetched(load: Callable[[int], Any], n: int, depth: int) -> Generator[Any, None, None]:
     """``load(0), ..., load(n - 1)`` in order, up to ``depth`` of them read ahead
     in a background thread (reading the next batches from a store while the
     model trains on this one)."""
@@ -468,11 +470,11 @@ def fit(
 
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False)
         running = 0.0
-        batches = _prefetched(
-            lambda s, local=local: train.batch(local[s * local_batch : (s + 1) * local_batch]),
-            steps_per_epoch,
-            opts.prefetch,
-        )
+
+        def load(s: int, local: list[int] = local) -> Any:
+            return train.batch(local[s * local_batch : (s + 1) * local_batch])
+
+        batches = _prefetched(load, steps_per_epoch, opts.prefetch)
         try:
             for step, (x, y, rows, res) in enumerate(batches):
                 x, y = x.to(device), y.to(device)

@@ -24,6 +24,7 @@ import torch
 import xarray as xr
 
 from .. import grid
+from ..grid import _XarrayT
 from ..variables import as_dataset, gather
 
 __all__ = [
@@ -39,11 +40,11 @@ __all__ = [
 
 
 def coarsen(
-    fine: xr.DataArray | xr.Dataset,
+    fine: _XarrayT,
     factor: int,
     ydim: str | None = None,
     xdim: str | None = None,
-) -> xr.DataArray | xr.Dataset:
+) -> _XarrayT:
     """Cell-average ``factor × factor`` blocks: the coarse twin of a fine field.
 
     Rows and columns beyond a multiple of ``factor`` are dropped (say so with a
@@ -160,7 +161,8 @@ class FieldStack:
         self.climatologies = list(climatologies)
         self.mean, self.std = list(mean), list(std)
         self.times = np.asarray(times)  # positions along the sources' time axis
-        self.hw = tuple(int(s) for s in self.sources[0].shape[-2:])
+        ny, nx = self.sources[0].shape[-2:]
+        self.hw = (int(ny), int(nx))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
