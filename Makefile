@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test test-all lint format bench clean venv
+.PHONY: demo test test-all lint format docs bench clean venv
 
 venv: $(STAMP)
 
@@ -40,7 +40,6 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 # The documentation site in site/ (mkdocs-material + mkdocstrings); open site/index.html.
-.PHONY: docs
 $(DOCS_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[docs]" "$(TORCH_SPEC)"
 	touch $(DOCS_STAMP)
@@ -52,4 +51,4 @@ bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache .mypy_cache
