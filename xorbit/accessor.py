@@ -388,7 +388,11 @@ class _OrbitBase:
         units
             Units to assume for inputs whose ``units`` attribute is missing or
             wrong, by model variable name.  Inputs are converted to the model's
-            units with pint (°C → K, ``kg m-2 s-1`` → ``mm/day`` ...).
+            units with pint (°C → K, ``kg m-2 s-1`` → ``mm/day`` ...), and each
+            result back to the units of its input (°C in, °C out).  Variables
+            the model sees transformed (``downscaler.transforms``, e.g.
+            precipitation as ``log1p``) are transformed after the conversion
+            and inverted before the conversion back.
         precision
             ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU), ``"fp32"``,
             ``"bf16"`` or ``"fp16"``.
