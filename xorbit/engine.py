@@ -497,39 +497,27 @@ def downscale_array(
         res_km=None if res_km is None else float(res_km),
     )
     finish: dict[str, Any] = dict(mean=out_mean, std=out_std, floor=floor, factor=cfg.factor)
-    if members is not None:
-        # one member: the deterministic graph with sampled masks.  On Dask the
-        # members are separate graphs stacked (sharing the input and the model
-        # node), so members run in parallel and each output chunk holds one
-        # member, as a per-member task axis would not
-        if isinstance(x, da.Array):
-            # a new name: astype is untyped, so mypy would forget x is a dask array
-            x32 = x.astype(np.float32)
-            return da.stack(
-                [
-                    _downscale_dask(x32, out_idx, {**run, "mc": mc}, finish, copies=len(members))
-                    for mc in members
-                ]
-            )
-        x = np.asarray(x, dtype=np.float32)
-        padded = pad_halo(x, plan)
-        return np.stack(
-            [
-                _finish(
-                    fold_alone(
-                        _predict(padded, origin=(0, 0), core_shape=(ny, nx), mc=mc, **run), plan
-                    ),
-                    x[..., out_idx, :, :],
-                    **finish,
-                )
-                for mc in members
-            ]
-        )
+    # MC-dropout members: each the deterministic computation with sampled masks.
+    # On Dask the members are separate graphs stacked (sharing the input and the
+    # model node), so members run in parallel and each output chunk holds one
+    # member, as a per-member task axis would not
+    runs = [run] if members is None else [{**run, "mc": mc} for mc in members]
     if isinstance(x, da.Array):
-        return _downscale_dask(x.astype(np.float32), out_idx, run, finish)
+        # a new name: astype is untyped, so mypy would forget x is a dask array
+        x32 = x.astype(np.float32)
+        lazy = [_downscale_dask(x32, out_idx, r, finish, copies=len(runs)) for r in runs]
+        return lazy[0] if members is None else da.stack(lazy)
     x = np.asarray(x, dtype=np.float32)
-    partial = _predict(pad_halo(x, plan), origin=(0, 0), core_shape=(ny, nx), **run)
-    return _finish(fold_alone(partial, plan), x[..., out_idx, :, :], **finish)
+    padded = pad_halo(x, plan)
+    outs = [
+        _finish(
+            fold_alone(_predict(padded, origin=(0, 0), core_shape=(ny, nx), **r), plan),
+            x[..., out_idx, :, :],
+            **finish,
+        )
+        for r in runs
+    ]
+    return outs[0] if members is None else np.stack(outs)
 
 
 def _members(cfg: ReslimConfig, samples: int | None, seed: int) -> list[tuple[int, int]] | None:

@@ -309,38 +309,30 @@ def adaptive_encode(
     b, n = leaves.shape
     d = model.config.embed_dim
     gather = leaves.unsqueeze(-1).expand(b, n, d)
-    pooled = [
-        x if tree.side(lev) == 1 else F.avg_pool2d(x, tree.side(lev))
-        for lev in range(tree.n_levels)
-    ]
+    pooled = _per_level(x, tree)
     idx = [model._var_index[v] for v in variables]
     per_var = []
     for i, j in enumerate(idx):
         nodes = torch.cat([model.token_embeds[j](xs[:, i : i + 1]) for xs in pooled], dim=1)
         per_var.append(nodes.gather(1, gather))  # [B, N, D]
-    tokens = torch.stack(per_var, dim=1) + model.var_embed[:, idx].unsqueeze(2)  # [B, V, N, D]
-    n_var = tokens.shape[1]
-    tokens = tokens.transpose(1, 2).reshape(b * n, n_var, d)
-    tokens = model.var_agg(model.var_query, tokens).reshape(b, n, d)
+    tokens = model.aggregate_variables(torch.stack(per_var, dim=1), idx)
 
     # position: the table averaged over each node, plus a learnt embedding of
     # the node's side (zero at first: one-token leaves start as uniform tokens)
     gh, gw = tree.grid
     pe = model.position_embedding(tree.grid).reshape(1, gh, gw, d).permute(0, 3, 1, 2)
-    pe_nodes = torch.cat(
-        [
-            (pe if tree.side(lev) == 1 else F.avg_pool2d(pe, tree.side(lev))).flatten(2)
-            for lev in range(tree.n_levels)
-        ],
-        dim=2,
-    )[0].transpose(0, 1)  # [T, D]
+    pe_nodes = torch.cat([p.flatten(2) for p in _per_level(pe, tree)], dim=2)[0].T  # [T, D]
     pos = pe_nodes + model.leaf_embed[tree.scale_index]
     tokens = tokens + pos[leaves].to(tokens.dtype)
-    tokens = tokens + model.resolution_embedding(res_km, tokens)
-    tokens = model.pos_drop(tokens)
-    for blk in model.blocks:
-        tokens = blk(tokens)
-    return model.norm(tokens)
+    return model.transform(tokens, res_km)
+
+
+def _per_level(image: torch.Tensor, tree: QuadTree) -> list[torch.Tensor]:
+    """``image [B, C, H, W]`` average-pooled by each level's node side, root level first."""
+    return [
+        image if tree.side(lev) == 1 else F.avg_pool2d(image, tree.side(lev))
+        for lev in range(tree.n_levels)
+    ]
 
 
 def adaptive_decode(model: Reslim, tokens: torch.Tensor, part: Partition) -> torch.Tensor:

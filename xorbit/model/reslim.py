@@ -371,17 +371,28 @@ class Reslim(nn.Module):
         res_km: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Padded coarse fields → normalized tokens ``[B, L, D]``."""
-        b = x.shape[0]
         grid = self.token_grid(x.shape[-2:])
         idx = [self._var_index[v] for v in variables]
         tokens = torch.stack(
             [self.token_embeds[j](x[:, i : i + 1]) for i, j in enumerate(idx)], dim=1
         )  # [B, V, L, D]
-        tokens = tokens + self.var_embed[:, idx].unsqueeze(2)
-        n_var, n_tok, d = tokens.shape[1:]
-        tokens = tokens.transpose(1, 2).reshape(b * n_tok, n_var, d)
-        tokens = self.var_agg(self.var_query, tokens).reshape(b, n_tok, d)
+        tokens = self.aggregate_variables(tokens, idx)
         tokens = tokens + self.position_embedding(grid).to(tokens.dtype)
+        return self.transform(tokens, res_km)
+
+    def aggregate_variables(self, tokens: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+        """Per-variable tokens ``[B, V, L, D]`` of the variables ``idx`` → ``[B, L, D]``:
+        ``var_embed``, then cross-attention from ``var_query`` over the variables."""
+        tokens = tokens + self.var_embed[:, list(idx)].unsqueeze(2)
+        b, n_var, n_tok, d = tokens.shape
+        tokens = tokens.transpose(1, 2).reshape(b * n_tok, n_var, d)
+        return self.var_agg(self.var_query, tokens).reshape(b, n_tok, d)
+
+    def transform(
+        self, tokens: torch.Tensor, res_km: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Positioned tokens → the blocks' normalized output: resolution embedding,
+        dropout, the transformer blocks, LayerNorm (uniform and adaptive tokens)."""
         tokens = tokens + self.resolution_embedding(res_km, tokens)
         tokens = self.pos_drop(tokens)
         for blk in self.blocks:

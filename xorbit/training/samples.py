@@ -435,7 +435,8 @@ class PairedCrops(torch.utils.data.Dataset):
         self.crop = (min(int(crop[0]), h), min(int(crop[1]), w))
         self.crops_per_time = max(1, int(crops_per_time))
         self.epoch = 0
-        self._lat_norm: float | None = None
+        # cos(latitude) of the fine rows is normalized over the whole grid, not the crop
+        self._lat_norm = float(np.cos(np.deg2rad(data.fine_lat)).clip(min=0).mean())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -494,9 +495,6 @@ class PairedCrops(torch.utils.data.Dataset):
     def item(self, i: int) -> tuple[torch.Tensor, ...]:
         """Item ``i`` with its row weights and grid spacing (one row of `batch`)."""
         x, y, lat = self[i]
-        if self._lat_norm is None:
-            # cos(latitude) normalized over the whole grid, not the crop
-            self._lat_norm = float(np.cos(np.deg2rad(self.data.fine_lat)).clip(min=0).mean())
         rows = torch.cos(torch.deg2rad(lat)).clamp(min=0).float() / self._lat_norm
         res = self.data.res_km
         return x, y, rows, torch.tensor(np.nan if res is None else float(res), dtype=torch.float32)
