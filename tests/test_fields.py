@@ -151,6 +151,16 @@ def test_fine_static_fields_follow_a_flipped_input():
     a = x.orbit.downscale(dsr, tile=8, halo=0)
     b = x.isel(lat=slice(None, None, -1)).orbit.downscale(dsr, tile=8, halo=0)
     np.testing.assert_allclose(b.sortby("lat").values, a.values, atol=1e-5)
+    # static= whose latitude runs the other way from the data's is matched by value
+    south_first = xr.Dataset({"orog": orog.isel(lat=slice(None, None, -1))})
+    c = x.orbit.downscale(dsr, tile=8, halo=0, static=south_first)
+    np.testing.assert_allclose(c.values, a.values, rtol=0, atol=1e-5)
+    d = x.isel(lat=slice(None, None, -1)).orbit.downscale(dsr, tile=8, halo=0, static=south_first)
+    np.testing.assert_allclose(d.values, b.values, rtol=0, atol=1e-5)
+    # and it is read: the same numbers on the rows' positions would change the answer
+    by_position = xr.Dataset({"orog": south_first.orog.assign_coords(lat=orog.lat)})
+    e = x.orbit.downscale(dsr, tile=8, halo=0, static=by_position)
+    assert float(np.abs(e - a).max()) > 1e-3
 
 
 def test_static_fields_on_neither_grid_are_refused():

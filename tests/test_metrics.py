@@ -359,7 +359,7 @@ def test_evaluate_returns_every_score_per_variable():
     assert float(pearson(truth, truth)) == pytest.approx(1.0)
     with pytest.raises(KeyError, match="'pr' is not in the truth"):
         xorbit.evaluate(pred.rename("pr").to_dataset(), truth.to_dataset())
-    with pytest.raises(ValueError, match="not on the same grid"):
+    with pytest.raises(ValueError, match="truth's 'lat' values are not the prediction's"):
         xorbit.evaluate(pred, truth.assign_coords(lat=truth.lat + 0.1))
 
     dated = xorbit.evaluate(

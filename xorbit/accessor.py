@@ -75,7 +75,7 @@ def _orient(
         return {ydim: False, xdim: False}
     flips = {}
     for dim, key in ((ydim, "y"), (xdim, "x")):
-        values = np.asarray(ref[dim].values, dtype=np.float64)
+        values = grid.axis_values(ref[dim])  # a longitude across its seam: unwrapped
         steps = np.diff(values)
         ascending = bool(values.size < 2 or steps[0] > 0)
         flips[dim] = values.size > 1 and ascending != bool(facts.get(f"{key}_ascending", True))

@@ -70,8 +70,9 @@ def baseline(
     train
         ``(coarse_train, fine_train)``: the same cells at both resolutions over
         the training period, needed by the `TRAINED` methods.  The fine grid
-        must be the coarse grid split ``factor`` times (matched by coordinate
-        values).
+        must be the coarse grid split ``factor`` times.  Both are matched to
+        ``coarse``'s cells by coordinate value (longitudes modulo 360, either
+        orientation; a larger training domain is cut to ``coarse``'s).
     factor
         Refinement factor; inferred from ``train`` when given.
     periodic
@@ -128,6 +129,11 @@ def baseline(
         return fine
     assert train is not None  # checked above for the TRAINED methods
     coarse_train, fine_train = (_variable(t, coarse.name) for t in train)
+    # the training pair on the cells of ``coarse``, matched by value (longitudes
+    # modulo 360, either orientation), so a fit by position applies to them
+    coarse_train = grid.match_grid(
+        coarse_train, coarse, label="coarse training data", ref_label="coarse data"
+    )
     bicubic_train = interpolate(coarse_train, factor, "bicubic", periodic)
     truth = grid.match_grid(fine_train, bicubic_train, label="fine training data", ref_label="grid")
     truth = truth.transpose(*bicubic_train.dims)

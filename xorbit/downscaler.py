@@ -21,6 +21,7 @@ import xarray as xr
 
 from . import transforms as _transforms
 from .fields import decode, encode
+from .grid import unwrap_longitude
 from .model.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from .model.config import ReslimConfig
 from .model.reslim import Reslim
@@ -232,11 +233,14 @@ def training_grid(y: Any, x: Any, multi_resolution: bool = False) -> dict[str, A
     """The grid facts a `Downscaler` records: orientation and spacing of ``y`` and ``x``.
 
     ``y``, ``x`` are 1-D coordinate arrays (latitude, longitude) of the coarse
-    training grid.
+    training grid; a longitude across the seam of its convention is read
+    unwrapped (`xorbit.grid.unwrap_longitude`).
     """
     facts: dict[str, Any] = {"multi_resolution": bool(multi_resolution)}
     for name, coord in (("y", y), ("x", x)):
         values = np.asarray(coord, dtype=np.float64)
+        if name == "x":
+            values = unwrap_longitude(values)
         steps = np.diff(values)
         facts[f"{name}_ascending"] = bool(values.size < 2 or steps[0] > 0)
         facts[f"d{name}"] = float(np.median(np.abs(steps))) if steps.size else None

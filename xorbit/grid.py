@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 __all__ = [
+    "axis_values",
     "cell_bounds",
     "fine_grid",
     "is_global_longitude",
@@ -167,8 +168,49 @@ def _explicit_bounds(
     return values
 
 
-def _check_1d_monotonic(coord: xr.DataArray) -> np.ndarray:
-    """The coordinate's values as float64, after checking it is 1-D, finite and monotonic."""
+def _monotonic(values: np.ndarray) -> bool:
+    step = np.diff(values)
+    return bool((step > 0).all() or (step < 0).all())
+
+
+def unwrap_longitude(values: np.ndarray) -> np.ndarray:
+    """Longitudes ``values`` (degrees) as one run without jumps of 360 degrees.
+
+    A regional grid across the seam of its convention (Europe written
+    0..360: ``350, 355, 0, 5``; the Pacific written -180..180: ``170, 175,
+    -180, -175``) is monotonic only modulo 360; unwrapped it is
+    ``350, 355, 360, 365`` and ``170, 175, 180, 185``.  Values that already
+    run monotonically are returned as they are (as float64).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2 or _monotonic(values):
+        return values
+    return np.unwrap(values, period=360.0)
+
+
+def wrap_longitude(values: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``values`` (unwrapped longitudes) written in the convention of ``like``.
+
+    The inverse of `unwrap_longitude` for a coordinate derived from ``like``
+    (its fine centres, its bounds): nothing changes when ``like`` itself runs
+    monotonically; otherwise values go into ``[-180, 180)`` when ``like`` has
+    negative longitudes, else into ``[0, 360)``.
+    """
+    like = np.asarray(like, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    if like.size < 2 or _monotonic(like):
+        return values
+    origin = -180.0 if like.min() < 0 else 0.0
+    return (values - origin) % 360.0 + origin
+
+
+def axis_values(coord: xr.DataArray) -> np.ndarray:
+    """The coordinate's values as float64, after checking it is 1-D, finite and monotonic.
+
+    A longitude that runs monotonically only modulo 360 (a domain across the
+    seam of its convention) is returned unwrapped (`unwrap_longitude`); a
+    latitude beyond +-90 degrees is refused.
+    """
     label = _label(coord)
     if coord.ndim != 1:
         raise ValueError(
@@ -178,6 +220,15 @@ def _check_1d_monotonic(coord: xr.DataArray) -> np.ndarray:
     values = np.asarray(coord.values, dtype=np.float64)
     if not np.isfinite(values).all():
         raise ValueError(f"coordinate {label!r} has non-finite values")
+    meaning = _cf_meaning(coord)
+    if meaning == "latitude" and values.size and np.abs(values).max() > 90.0:
+        k = int(np.argmax(np.abs(values)))
+        raise ValueError(
+            f"latitude {label!r} has {float(values[k])} at position {k}, beyond +-90 degrees; "
+            "fix the coordinate (or drop its latitude attributes if it is not a latitude)"
+        )
+    if meaning == "longitude":
+        values = unwrap_longitude(values)
     if values.size > 1:
         step = np.diff(values)
         if not ((step > 0).all() or (step < 0).all()):
@@ -267,9 +318,14 @@ def cell_bounds(coord: xr.DataArray, obj: xr.DataArray | xr.Dataset | None = Non
         if it has a single point and no bounds variable; or if its bounds variable has
         the wrong shape.
     """
-    values = _check_1d_monotonic(coord)
+    values = axis_values(coord)
     explicit = _explicit_bounds(coord, obj)
     if explicit is not None:
+        if _cf_meaning(coord) == "latitude" and np.abs(explicit).max() > 90.0 + 1e-9:
+            raise ValueError(
+                f"the bounds of latitude {_label(coord)!r} reach {float(np.abs(explicit).max())}, "
+                "beyond +-90 degrees; fix the bounds variable"
+            )
         return explicit
     if values.size < 2:
         raise ValueError(
@@ -282,9 +338,25 @@ def cell_bounds(coord: xr.DataArray, obj: xr.DataArray | xr.Dataset | None = Non
     last = values[-1] + 0.5 * (values[-1] - values[-2])
     edges = np.concatenate([[first], mid, [last]])
     if _cf_meaning(coord) == "latitude":
+        # centres at the poles (checked within +-90) give outer edges beyond them
         edges[0] = np.clip(edges[0], -90.0, 90.0)
         edges[-1] = np.clip(edges[-1], -90.0, 90.0)
-    return np.stack([edges[:-1], edges[1:]], axis=1)
+    bounds = np.stack([edges[:-1], edges[1:]], axis=1)
+    # each cell's bounds around its own centre, in the coordinate's convention
+    return bounds + (np.asarray(coord.values, np.float64) - values)[:, None]
+
+
+def _unwrapped_bounds(coord: xr.DataArray, obj: xr.DataArray | xr.Dataset | None) -> np.ndarray:
+    """`cell_bounds` in the frame of the unwrapped centres: contiguous across a seam."""
+    bounds = cell_bounds(coord, obj)
+    if _cf_meaning(coord) != "longitude":
+        return bounds
+    values = axis_values(coord)
+    lo, hi = bounds[:, 0], bounds[:, 1].copy()
+    # a cell written across the seam ([357.5, 2.5]): its upper edge one turn on
+    hi += 360.0 * np.round((lo - hi) / 360.0) * (np.abs(hi - lo) > 180.0)
+    shift = 360.0 * np.round((values - 0.5 * (lo + hi)) / 360.0)
+    return np.stack([lo + shift, hi + shift], axis=1)
 
 
 def refine_coord(
@@ -295,7 +367,10 @@ def refine_coord(
     Fine centres are the midpoints of the parts and fine bounds their edges, so a
     coarse cell ``[lo, hi]`` gives ``factor`` contiguous fine cells that tile it
     exactly.  The coordinate's direction is kept (descending stays descending) and
-    longitudes are kept as given (0..360 or -180..180, never wrapped).
+    longitudes are kept in the coordinate's convention (0..360 or -180..180):
+    a grid that runs monotonically is never wrapped, and one across the seam
+    of its convention (``350, 355, 0, 5``) gives fine longitudes that jump at
+    the same seam.
 
     The result is always float64: float32 (or integer) coordinates are computed and
     returned in float64, so the fine centres are not rounded to float32.  The fine
@@ -330,7 +405,7 @@ def refine_coord(
     if isinstance(factor, bool) or not isinstance(factor, Integral) or factor < 1:
         raise ValueError(f"factor must be an int >= 1, got {factor!r}")
     factor = int(factor)
-    coarse = cell_bounds(coord, obj)
+    coarse = _unwrapped_bounds(coord, obj)
     name = _label(coord)
     dim = coord.dims[0]
     bname = f"{name}_bnds"
@@ -347,6 +422,9 @@ def refine_coord(
     fine_lo = edges[:, :-1].ravel()
     fine_hi = edges[:, 1:].ravel()
     centres = 0.5 * (fine_lo + fine_hi)
+    if _cf_meaning(coord) == "longitude":  # back into the coordinate's own convention
+        shift = wrap_longitude(centres, coord.values) - centres
+        centres, fine_lo, fine_hi = centres + shift, fine_lo + shift, fine_hi + shift
 
     attrs = {k: v for k, v in coord.attrs.items() if k != "_FillValue"}
     attrs["bounds"] = bname
@@ -464,7 +542,7 @@ def is_global_longitude(
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     if coord.ndim == 1 and _cf_meaning(coord) == "latitude":
         return False
-    values = _check_1d_monotonic(coord)
+    values = axis_values(coord)
     if values.size < 2 and _explicit_bounds(coord, obj) is None:
         return False
     bounds = cell_bounds(coord, obj)
@@ -538,8 +616,10 @@ def match_grid(
 
     Matching by position would pair a field stored north to south with the
     wrong rows; by value it is reordered (or cut from a larger domain) instead.
-    Round-off up to a hundredth of the grid step is tolerated, and the result
-    carries ``ref``'s exact coordinate values; anything more means another grid.
+    Longitudes are equal modulo 360: a field written -180..180 matches one
+    written 0..360, across either seam.  Round-off up to a hundredth of the
+    grid step is tolerated, and the result carries ``ref``'s exact coordinate
+    values (in ``ref``'s convention); anything more means another grid.
 
     Raises
     ------
@@ -554,8 +634,19 @@ def match_grid(
             raise ValueError(
                 f"the {label} has no dimension {dim!r} (has {tuple(map(str, other.dims))})"
             )
-        want = ref[dim].values.astype(np.float64)
-        have = np.sort(other[dim].values.astype(np.float64))
+        raw = np.asarray(ref[dim].values, np.float64)
+        have_raw = np.asarray(other[dim].values, np.float64)
+        if raw.shape == have_raw.shape and np.array_equal(raw, have_raw):
+            continue  # the same grid: nothing to reorder (no graph for Dask data)
+        want, have = raw, have_raw
+        circular = "longitude" in (_cf_meaning(ref[dim]), _cf_meaning(other[dim]))
+        if circular:
+            want, have = _same_turn(raw, have_raw)
+        if circular:  # sorted, and a cyclic column (0 and 360 both there) kept once
+            order = np.unique(have, return_index=True)[1]
+        else:
+            order = np.argsort(have, kind="stable")
+        have = have[order]
         steps = np.abs(np.diff(want if want.size > 1 else have))
         tol = 0.01 * (steps.min() if steps.size else 1.0)
         nearest = have[pd.Index(have).get_indexer(want, method="nearest")]
@@ -563,8 +654,26 @@ def match_grid(
         if offset > tol:
             raise ValueError(
                 f"the {label}'s {dim!r} values are not the {ref_label}'s: offset by up to "
-                f"{offset:.4g} (tolerated: {tol:.2g}, a hundredth of the grid step); "
-                f"regrid the {label} first"
+                f"{offset:.4g}{' (modulo 360)' if circular else ''} (tolerated: {tol:.2g}, a "
+                f"hundredth of the grid step); regrid the {label} first"
             )
-        other = other.sortby(dim).reindex({dim: ref[dim].values}, method="nearest", tolerance=tol)
+        attrs = dict(other[dim].attrs)
+        other = (
+            other.isel({dim: order})
+            .assign_coords({dim: have})
+            .reindex({dim: want}, method="nearest", tolerance=tol)
+            .assign_coords({dim: xr.Variable(dim, ref[dim].values, attrs)})
+        )
     return other
+
+
+def _same_turn(want: np.ndarray, have: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Longitudes ``want`` and ``have`` written in one frame, so equal points are equal.
+
+    Both go into the 360 degrees that start halfway across the gap ``want``
+    leaves (its unwrapped run is contiguous there): any point of ``have``
+    that is one of ``want``'s lies next to it.
+    """
+    run = unwrap_longitude(want)
+    origin = float(run.min()) - 0.5 * (360.0 - float(run.max() - run.min()))
+    return (want - origin) % 360.0 + origin, (have - origin) % 360.0 + origin

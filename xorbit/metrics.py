@@ -687,7 +687,9 @@ def evaluate(
     KeyError
         If a variable of ``pred`` is missing from ``truth`` (or ``baseline``).
     ValueError
-        If the grids differ, or the truth has ``sample_dim``.
+        If the grids differ (matched by value: truth and baseline may come in another
+        orientation, longitude convention or a larger domain), or the truth has
+        ``sample_dim``.
     """
     if isinstance(pred, Mapping) and not isinstance(pred, xr.Dataset):  # a Dataset is a Mapping
         if not pred:
@@ -714,6 +716,11 @@ def evaluate(
         truth_ds = truth.to_dataset(name=names[0])
     if isinstance(baseline, xr.DataArray) and len(names) == 1:
         base_ds = baseline.to_dataset(name=names[0])
+    # truth and baseline on the prediction's cells, matched by value: another
+    # orientation, a larger domain or the other longitude convention is fine
+    truth_ds = grid.match_grid(truth_ds, pred_ds, label="truth", ref_label="prediction")
+    if base_ds is not None:
+        base_ds = grid.match_grid(base_ds, pred_ds, label="baseline", ref_label="prediction")
     rows = []
     for name in names:
         for label, ds in (("truth", truth_ds), ("baseline", base_ds)):
