@@ -1,5 +1,8 @@
 """The `xorbit` command: every subcommand on bundled data, and one bad input each."""
 
+import argparse
+import inspect
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -7,7 +10,7 @@ import yaml
 
 import xorbit
 from xorbit import baseline, coarsen
-from xorbit.cli import main
+from xorbit.cli import build_parser, main
 from xorbit.datasets import hadcm3_air_temperature
 
 
@@ -278,3 +281,159 @@ def test_evaluate_compares_with_statistical_baselines(tmp_path, capsys):
     assert float(lines[3].split()[2]) == pytest.approx(0.2244, abs=5e-4)
     assert main([*cmd, "qdm"]) == 1
     assert "['qdm'] are learnt from data: pass --train" in one_line_error(capsys, "evaluate")
+
+
+def test_evaluate_matches_longitudes_modulo_360(pred_truth, tmp_path, capsys):
+    """A domain across 0 E, the prediction written -180..180 and the truth 0..360."""
+    lat, _, pred, truth = pred_truth
+    lon = np.arange(-11.0, 13.0, 2.0)  # -11 .. 11: crosses the 0..360 convention's seam
+    p = grid_file(tmp_path / "pred.nc", pred, lat, lon)
+    t = grid_file(tmp_path / "truth.nc", truth, lat, lon % 360.0)  # 349 .. 359, 1 .. 11
+    assert main(["evaluate", p, t]) == 0
+    expected = np.sqrt(np.mean((pred - truth) ** 2))
+    assert printed_scores(capsys.readouterr().out)["rmse"] == pytest.approx(expected, rel=1e-3)
+
+
+# ------------------------------------------------------------------ parity with Python
+def subparser(name):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_downscale_has_every_option_of_the_python_call_with_its_default():
+    """Before: `xorbit downscale ... --samples 4` was 'unrecognized arguments'."""
+    actions = {a.dest: a for a in subparser("downscale")._actions}
+    params = inspect.signature(xorbit.accessor.downscale).parameters
+    options = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert {p.name for p in options} == {
+        "tile",
+        "halo",
+        "batch_size",
+        "device",
+        "static",
+        "periodic",
+        "units",
+        "precision",
+        "samples",
+        "seed",
+    }
+    for p in options:
+        assert p.name in actions, f"--{p.name.replace('_', '-')} is missing"
+        assert actions[p.name].default == p.default, p.name
+    assert tuple(actions["precision"].choices) == xorbit.engine.PRECISIONS
+
+
+def test_train_takes_the_recipe_options_a_file_to_file_run_needs():
+    actions = {a.dest: a for a in subparser("train")._actions}
+    for name in ("epochs", "seed", "transform", "static", "device", "output"):
+        assert name in actions
+        # absent from the command line: the YAML's value, else train()'s default
+        assert actions[name].default is None
+
+
+@pytest.fixture(scope="module")
+def rain(tmp_path_factory):
+    """Gamma rain on a 32 x 32 grid, a fine orography file, a model trained by the command."""
+    d = tmp_path_factory.mktemp("rain")
+    rng = np.random.default_rng(0)
+    lat = 40.0 + 0.25 * np.arange(32)
+    lon = 5.0 + 0.25 * np.arange(32)
+    coords = {
+        "time": ("time", np.arange(16), {"units": "days since 2000-01-01"}),
+        "lat": ("lat", lat, {"standard_name": "latitude", "units": "degrees_north"}),
+        "lon": ("lon", lon, {"standard_name": "longitude", "units": "degrees_east"}),
+    }
+    pr = rng.gamma(0.8, 4.0, size=(16, 32, 32)).astype(np.float32)
+    ds = xr.Dataset({"pr": (("time", "lat", "lon"), pr, {"units": "mm/day"})}, coords=coords)
+    ds.to_netcdf(d / "fine.nc")
+    coarsen(ds, 4).to_netcdf(d / "coarse.nc")
+    hills = 500.0 * np.outer(np.sin(np.arange(32) / 4.0), np.cos(np.arange(32) / 6.0)) + 500.0
+    orog = xr.Dataset(
+        {"orog": (("lat", "lon"), hills.astype(np.float32), {"units": "m"})},
+        coords={k: coords[k] for k in ("lat", "lon")},
+    )
+    xorbit.io.to_netcdf(orog, d / "orog.nc")  # as xorbit writes it: with lat_bnds, lon_bnds
+    (d / "train.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "fine": "fine.nc",
+                "variables": ["pr"],
+                "model": {
+                    "preset": "tiny",
+                    "img_size": [8, 8],
+                    "embed_dim": 16,
+                    "depth": 1,
+                    "decoder_depth": 1,
+                    "drop_rate": 0.2,
+                },
+                "train": {"epochs": 3, "batch_size": 4},
+                "output": "ignored.xorbit",
+            }
+        )
+    )
+    cmd = [
+        "train",
+        str(d / "train.yaml"),
+        "--epochs",
+        "1",
+        "--seed",
+        "2",
+        "--quiet",
+        "--transform",
+        "pr=log1p",
+        "--static",
+        str(d / "orog.nc"),
+        "--output",
+        str(d / "m.xorbit"),
+        "--device",
+        "cpu",
+    ]
+    assert main(cmd) == 0
+    return d
+
+
+def test_train_command_line_overrides_the_config(rain):
+    assert not (rain / "ignored.xorbit").exists()
+    dsr = xorbit.load(rain / "m.xorbit")
+    assert dsr.transforms == {"pr": "log1p"}
+    assert dsr.static_packing == {"orog": "fine"}  # lat_bnds / lon_bnds were left out
+    assert len(dsr.history) == 1  # --epochs 1, not the file's 3
+
+
+def test_downscale_ensemble_and_static_from_the_command_line(rain, capsys):
+    dsr = xorbit.load(rain / "m.xorbit")
+    coarse = xorbit.io.open_dataset(rain / "coarse.nc")
+    flat = xr.Dataset({"orog": xr.full_like(xorbit.io.open_static(rain / "orog.nc").orog, 10.0)})
+    flat.to_netcdf(rain / "flat.nc")
+    out = rain / "members.nc"
+    cmd = [
+        "downscale",
+        str(rain / "coarse.nc"),
+        str(out),
+        "--model",
+        str(rain / "m.xorbit"),
+        "--samples",
+        "3",
+        "--seed",
+        "5",
+        "--static",
+        str(rain / "flat.nc"),
+        "--quiet",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp32",
+        "--no-periodic",
+    ]
+    assert main(cmd) == 0
+    got = xr.open_dataset(out)["pr"]
+    assert got.sizes["sample"] == 3
+    want = coarse.orbit.downscale(dsr, samples=3, seed=5, static=flat)["pr"]
+    np.testing.assert_allclose(got.values, want.transpose(*got.dims).values, atol=1e-4)
+    # the static file is read: the stored orography gives other members
+    stored = coarse.orbit.downscale(dsr, samples=3, seed=5)["pr"]
+    assert float(np.abs(stored - want).max()) > 1e-4
+    with pytest.raises(SystemExit):  # argparse: NAME=VALUE or nothing
+        main([*cmd[:5], "--units", "pr"])
+    assert "--units expects NAME=VALUE, got 'pr'" in capsys.readouterr().err

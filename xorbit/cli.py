@@ -12,6 +12,10 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+# `xorbit.engine.PRECISIONS`, written out so that parsing does not import torch
+# (a test keeps the two equal)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_SPLIT_YEAR, format_table, run_demo
@@ -69,6 +73,29 @@ def _pair(text: str | None):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _assignments(flag: str):
+    """A parser for repeatable ``NAME=VALUE`` options (``--transform pr=log1p``)."""
+
+    def parse(text: str) -> tuple[str, str]:
+        name, _, value = text.partition("=")
+        if not name.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"{flag} expects NAME=VALUE, got {text!r}")
+        return name.strip(), value.strip()
+
+    return parse
+
+
+def _mapping(pairs: list[tuple[str, str]] | None) -> dict[str, str] | None:
+    return dict(pairs) if pairs else None
+
+
+def _static(path: str | None):
+    """The static fields of ``--static FILE``: its 2-D variables."""
+    from .io import open_static
+
+    return None if path is None else open_static(path)
+
+
 def _select(ds, names):
     from .variables import select
 
@@ -78,7 +105,23 @@ def _select(ds, names):
 def _train(args: argparse.Namespace) -> int:
     from .training.from_file import train_from_file
 
-    dsr, out = train_from_file(args.config, progress=not args.quiet)
+    overrides = {
+        k: v
+        for k, v in (
+            ("epochs", args.epochs),
+            ("seed", args.seed),
+            ("transforms", _mapping(args.transform)),
+            ("device", args.device),
+        )
+        if v is not None
+    }
+    dsr, out = train_from_file(
+        args.config,
+        progress=not args.quiet,
+        overrides=overrides,
+        static=args.static,
+        output=args.output,
+    )
     last = dsr.history[-1] if dsr.history else {}
     scores = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("rmse"))
     print(f"wrote {out} ({dsr!r}); last epoch: {scores or 'no validation'}")
@@ -93,7 +136,19 @@ def _downscale(args: argparse.Namespace) -> int:
 
     dsr = load(args.model)
     ds = _open(args.input, _parse_chunks(args.chunks))
-    out = ds.orbit.downscale(dsr, tile=_pair(args.tile), halo=_pair(args.halo), device=args.device)
+    out = ds.orbit.downscale(
+        dsr,
+        tile=_pair(args.tile),
+        halo=_pair(args.halo),
+        batch_size=args.batch_size,
+        device=args.device,
+        static=_static(args.static),
+        periodic=args.periodic,
+        units=_mapping(args.units),
+        precision=args.precision,
+        samples=args.samples,
+        seed=args.seed,
+    )
     target = Path(args.output)
     bar = ProgressBar() if not args.quiet else None
     with bar or dask.config.set():
@@ -253,7 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("config", help="YAML: fine, [coarse], variables, model, train, output")
+    p.add_argument("config", help="YAML: fine, [coarse], variables, model, train, static, output")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the config's, else 10)")
+    p.add_argument("--seed", type=int, help="random seed (default: the config's, else 0)")
+    p.add_argument(
+        "--transform",
+        action="append",
+        type=_assignments("--transform"),
+        metavar="VAR=KIND",
+        help="train VAR transformed, e.g. pr=log1p (repeatable; added to the config's)",
+    )
+    p.add_argument(
+        "--static",
+        metavar="FILE",
+        help="netCDF/zarr of static fields (orography ...) on the coarse or fine grid",
+    )
+    p.add_argument("--device", help="cpu or cuda (default: cuda if visible)")
+    p.add_argument("--output", help="the model file to write (default: the config's output)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
@@ -271,6 +342,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tile", help="tile core size: n or ny,nx (default: from the model)")
     p.add_argument("--halo", help="tile halo: n or ny,nx (default: from the model)")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per model call (default 16)")
+    p.add_argument(
+        "--static",
+        metavar="FILE",
+        help="netCDF/zarr of static fields the model reads, replacing the stored ones",
+    )
+    p.add_argument(
+        "--periodic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether longitude wraps around (default: detected from the grid)",
+    )
+    p.add_argument(
+        "--units",
+        action="append",
+        type=_assignments("--units"),
+        metavar="VAR=UNITS",
+        help="units of an input whose units attribute is missing or wrong (repeatable)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (default auto)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="N ensemble members along a new 'sample' dimension (MC dropout)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the ensemble members (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_downscale)
 

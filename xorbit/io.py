@@ -34,7 +34,15 @@ from . import grid
 from ._files import atomic_write
 from ._version import __version__
 
-__all__ = ["CONVENTIONS", "bitround", "open_dataset", "prepare", "to_netcdf", "to_zarr"]
+__all__ = [
+    "CONVENTIONS",
+    "bitround",
+    "open_dataset",
+    "open_static",
+    "prepare",
+    "to_netcdf",
+    "to_zarr",
+]
 
 CONVENTIONS = "CF-1.10"
 _VALID_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -61,6 +69,30 @@ def open_dataset(path: str | os.PathLike, chunks: dict | None = None) -> xr.Data
     if p.is_dir() or p.suffix == ".zarr":
         return xr.open_zarr(p, consolidated=False, **kw)
     return xr.open_dataset(p, **kw)
+
+
+def open_static(path: str | os.PathLike) -> xr.Dataset:
+    """The static fields of a file, loaded: its variables on both spatial dims only.
+
+    Bounds, grid-mapping scalars and anything with a third dimension are left
+    out, so a file xorbit wrote (with ``lat_bnds``) serves as ``static=``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing is at ``path``.
+    ValueError
+        If the file holds no 2-D field.
+    """
+    ds = open_dataset(path)
+    ydim, xdim = grid.spatial_dims(ds)
+    names = [n for n, v in ds.data_vars.items() if set(v.dims) == {ydim, xdim}]
+    if not names:
+        raise ValueError(
+            f"{path}: no static field (a variable on exactly ({ydim!r}, {xdim!r})) among "
+            f"{sorted(map(str, ds.data_vars))}"
+        )
+    return ds[names].load()
 
 
 def _clean_attrs(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,12 @@ data are cell-averaged), the variables, the model and the training options::
     fine: hadcm3.nc            # paths relative to the YAML file
     variables: [air_temperature]
     model: {preset: tiny, factor: 4, img_size: [9, 12]}
-    train: {epochs: 40, lr: 3.0e-3}
+    train: {epochs: 40, lr: 3.0e-3, transforms: {pr: log1p}}
+    static: orography.nc       # optional: static fields on the coarse or fine grid
     output: model.xorbit
+
+The command line (``xorbit train CONFIG --epochs 40 --transform pr=log1p
+--static FILE --output M``) overrides the file's entries.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import yaml
 
 from ..downscaler import Downscaler
-from ..io import open_dataset
+from ..io import open_dataset, open_static
 from ..model.config import ReslimConfig
 from ..variables import select
 from . import train
@@ -28,8 +32,20 @@ from .samples import coarsen
 __all__ = ["train_from_file"]
 
 
-def train_from_file(path: str | os.PathLike, *, progress: bool = True) -> tuple[Downscaler, Path]:
+def train_from_file(
+    path: str | os.PathLike,
+    *,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+    static: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+) -> tuple[Downscaler, Path]:
     """Train as the YAML file at ``path`` says and save the model; returns it and its path.
+
+    ``overrides`` replace entries of the file's ``train`` section (a
+    ``transforms`` mapping is merged into the file's); ``static`` (a
+    netCDF/zarr path) replaces its ``static`` entry and ``output`` its
+    ``output``.  Paths given here are taken as given, the file's relative to it.
 
     Raises
     ------
@@ -67,7 +83,15 @@ def train_from_file(path: str | os.PathLike, *, progress: bool = True) -> tuple[
         )
     in_vars = model.pop("in_vars", list(out_vars) + list(model.get("static_vars", [])))
     cfg = ReslimConfig.preset(preset, factor=factor, in_vars=in_vars, out_vars=out_vars, **model)
-    dsr = train(coarse, fine, cfg, progress=progress, **dict(spec.get("train", {})))
-    out = base / spec.get("output", "model.xorbit")
+    options = dict(spec.get("train", {}))
+    for key, value in (overrides or {}).items():
+        if key == "transforms":
+            value = {**dict(options.get("transforms") or {}), **value}
+        options[key] = value
+    static_path = static if static is not None else spec.get("static")
+    if static_path is not None:
+        options["static"] = open_static(static_path if static is not None else base / static_path)
+    dsr = train(coarse, fine, cfg, progress=progress, **options)
+    out = Path(output) if output is not None else base / spec.get("output", "model.xorbit")
     dsr.save(out)
     return dsr, out
