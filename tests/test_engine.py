@@ -10,7 +10,14 @@ import xarray as xr
 import xorbit
 import xorbit.engine as engine
 from tests.datasets import powerlaw_field, tiny_config
-from xorbit.engine import ModelHandle, clear_cache, downscale_array, run_model
+from xorbit.engine import (
+    SCATTERED_PREFIX,
+    ClientClosedError,
+    ModelHandle,
+    clear_cache,
+    downscale_array,
+    run_model,
+)
 from xorbit.model.reslim import Reslim
 
 K = 4
@@ -259,16 +266,49 @@ def test_a_model_reaches_the_workers_once_not_in_the_graph():
         graph_mb = len(pickle.dumps(dict(out.__dask_graph__()))) / 2**20
         assert graph_mb < 2, graph_mb
         again = downscale_array(x + 1, dsr, tile=4, halo=2)
-        scattered = [k for k in client.who_has() if "ModelHandle" in str(k)]
+        scattered = [k for k in client.who_has() if SCATTERED_PREFIX in str(k)]
         assert len(scattered) == 1  # both graphs point at one scattered model
         got, got2 = dask.compute(out, again)
         del out, again  # graphs hold the model's future: it lives as long as they do
         clear_cache()  # and then it is released (asynchronously)
         for _ in range(100):
-            if not any("ModelHandle" in str(k) for k in client.who_has()):
+            if not any(SCATTERED_PREFIX in str(k) for k in client.who_has()):
                 break
             time.sleep(0.05)
-        assert not any("ModelHandle" in str(k) for k in client.who_has())
+        assert not any(SCATTERED_PREFIX in str(k) for k in client.who_has())
     eager = downscale_array(np.asarray(x), dsr, tile=4, halo=2, device="cpu")
     np.testing.assert_allclose(got, eager, rtol=0, atol=1e-4)
     assert np.abs(got2 - got).max() > 0
+
+
+@pytest.mark.distributed
+def test_a_lazy_result_computed_after_its_client_closed_says_so():
+    """Before: "Missing dependency ModelHandle-..." and nothing more."""
+    distributed = pytest.importorskip("distributed")
+    dsr = three_outputs()
+    x = da.from_array(coarse(), chunks=(1, 4, 12, 16))
+
+    def cluster():
+        return distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        )
+
+    with cluster() as c, distributed.Client(c):
+        out = downscale_array(x, dsr, tile=4, halo=2, device="cpu")
+        expected = out.compute()
+    with pytest.raises(ClientClosedError, match=r"built under a dask.distributed client.*closed"):
+        out.compute(scheduler="sync")
+    with pytest.raises(ClientClosedError, match=r"inside the client's `with` block"):
+        out.compute(scheduler="threads")
+    # under a new client, sending the same model again (any call) brings the result back
+    with cluster() as c, distributed.Client(c):
+        downscale_array(x[:1], dsr, tile=4, halo=2, device="cpu")
+        np.testing.assert_allclose(out.compute(), expected, rtol=0, atol=0)
+    clear_cache()
+    # graphs without a client are not touched by the check
+    np.testing.assert_allclose(
+        downscale_array(x, dsr, tile=4, halo=2, device="cpu").compute(scheduler="sync"),
+        expected,
+        rtol=0,
+        atol=1e-6,
+    )

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PRECISIONS",
+    "ClientClosedError",
     "ModelHandle",
     "clear_cache",
     "default_device",
@@ -622,9 +623,60 @@ def _model_node(handle: ModelHandle) -> Any:
             del _SCATTERED[stale]  # futures of closed clients: nothing to keep
         future = _SCATTERED.get(key)
         if future is None or future.status != "finished":
-            future = client.scatter(handle, hash=False)
+            # named by the model: a lazy result built under a client that has
+            # closed computes under a new one once this model is sent there again
+            name = f"{SCATTERED_PREFIX}{handle.key[:32]}"
+            future = client.scatter({name: handle})[name]
             _SCATTERED[key] = future
+            _SCATTERED_NAMES.add(name)
+            if _CLOSED_CHECK is None:
+                _register_closed_client_check()
     return future
+
+
+# The keys of models scattered to distributed clients: a graph that needs one
+# and is computed without that client (closed, or another scheduler) cannot
+# find it.  Kept for the process's life (a few bytes each), so that the error
+# can say what happened.
+SCATTERED_PREFIX = "xorbit-model-scattered-"
+_SCATTERED_NAMES: set[str] = set()
+_CLOSED_CHECK: Any = None
+
+
+class ClientClosedError(RuntimeError):
+    """A lazy result needs a model held by a distributed client that is not there."""
+
+
+def _register_closed_client_check() -> None:
+    """Check, before every local-scheduler compute, that a scattered model is there.
+
+    Registered (once per process) only when a model was scattered: without it
+    the local schedulers say "Missing dependency xorbit-model-scattered-..." and
+    no more.
+    """
+    global _CLOSED_CHECK
+    from dask.callbacks import Callback
+
+    def start(dsk: Any) -> None:
+        names = _SCATTERED_NAMES
+        for key, task in dsk.items():
+            label = key[0] if isinstance(key, tuple) else key
+            if not (isinstance(label, str) and label.startswith("xorbit-tiles-")):
+                continue
+            deps = getattr(task, "dependencies", ()) or ()
+            gone = sorted(str(d) for d in deps if d in names and d not in dsk)
+            if gone:
+                raise ClientClosedError(
+                    "this lazy result was built under a dask.distributed client, which "
+                    f"holds its model ({gone[0]}); that client is closed, or the result "
+                    "is computed with another scheduler. Compute (or write) the result "
+                    "inside the client's `with` block, or build it again with "
+                    ".orbit.downscale(...) where you compute it; "
+                    "xorbit.engine.clear_cache() frees the models kept for closed clients"
+                )
+
+    _CLOSED_CHECK = Callback(start=start)
+    _CLOSED_CHECK.register()
 
 
 def _current_client() -> Any:
