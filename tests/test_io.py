@@ -321,7 +321,7 @@ def test_zarr_concurrent_crash_resumes_exactly_the_unfinished_regions(tmp_path):
             # let the five other regions finish and mark themselves first (the
             # other thread writes them meanwhile), then die
             deadline = time.monotonic() + 30
-            while len(list(done.glob("region-*"))) < 5 and time.monotonic() < deadline:
+            while len(list(done.glob("run-*/region-*"))) < 5 and time.monotonic() < deadline:
                 time.sleep(0.01)
             raise RuntimeError(f"killed while computing time {t0}")
         computed.append(t0)
@@ -335,7 +335,7 @@ def test_zarr_concurrent_crash_resumes_exactly_the_unfinished_regions(tmp_path):
         with pytest.raises(RuntimeError, match="killed while computing time 3"):
             to_zarr(field, store)
         assert not store.exists()
-        assert sorted(p.name for p in done.glob("region-*")) == [
+        assert sorted(p.name for p in done.glob("run-*/region-*")) == [
             f"region-{i}" for i in (0, 1, 2, 4, 5)
         ]
         assert sorted(computed) == [0, 1, 2, 4, 5]
@@ -346,6 +346,30 @@ def test_zarr_concurrent_crash_resumes_exactly_the_unfinished_regions(tmp_path):
     back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)["tas"]
     np.testing.assert_array_equal(back.values, smooth_noisy_field().values)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_a_task_of_an_abandoned_store_cannot_mark_a_region_of_the_next(
+    downscaled, tmp_path, monkeypatch
+):
+    """A crashed run's region task still running (a worker out of reach) used to
+    drop its marker into the folder of the store that replaced it."""
+    store = tmp_path / "out.zarr"
+    markers = []
+    mark_done = xorbit.io._mark_done
+    monkeypatch.setattr(xorbit.io, "_mark_done", lambda w, m: markers.append(m) or mark_done(w, m))
+    field = crashed_write(downscaled, store)  # regions 0, 1, 2 written and marked
+    stale = Path(markers[0]).parent / "region-5"  # a region the crashed run still had going
+    FAIL_ON["block"] = 0  # the next run (another encoding) starts afresh, dies at once
+    with pytest.warns(UserWarning, match="starting afresh"), pytest.raises(RuntimeError):
+        field.orbit.to_zarr(store, level=9, regions_per_compute=1)
+    with pytest.raises(FileNotFoundError):  # the stale task's folder is gone
+        mark_done(None, str(stale))
+    FAIL_ON["block"] = None
+    COMPUTED.clear()
+    field.orbit.to_zarr(store, level=9)
+    assert 10 in COMPUTED  # region 5 (times 10, 11) was written, not taken as done
+    back = xr.open_zarr(store, decode_times=TIMES, consolidated=False)["air_temperature"]
+    np.testing.assert_array_equal(back.values, downscaled.values)
 
 
 def test_zarr_computes_regions_in_bounded_groups(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 import warnings
 from collections.abc import Hashable
 from io import StringIO
@@ -627,11 +628,17 @@ def to_zarr(
         )
         done_dir.mkdir()
         (done_dir / "signature.json").write_text(json.dumps(signature, sort_keys=True))
+        # the markers of this store's writes, in a folder of their own: a task
+        # still running from an abandoned store (a crashed run's worker) finds
+        # its folder gone instead of marking a region of this one done
+        (done_dir / f"run-{uuid.uuid4().hex[:16]}").mkdir()
+    runs = sorted(done_dir.glob("run-*"))
+    markers = runs[0] if runs else done_dir  # a store begun by xorbit 0.2: no run folder
     todo: list[tuple[slice | None, Path]] = [
-        (region, done_dir / f"region-{i}") for i, region in enumerate(regions)
+        (region, markers / f"region-{i}") for i, region in enumerate(regions)
     ]
     if dim is not None and _lazy_static(ds, dim):
-        todo.append((None, done_dir / "static"))
+        todo.append((None, markers / "static"))
     todo = [(region, marker) for region, marker in todo if not marker.exists()]
     for first in range(0, len(todo), regions_per_compute):
         # built group by group: a region's write holds its slice of the graph
