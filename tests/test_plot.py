@@ -138,3 +138,17 @@ def test_training_curves_mark_the_kept_epoch():
     assert len(marks) == 1 and marks[0].get_label() == "best epoch (2)"
     assert list(marks[0].get_xdata()) == [2, 2]
     plt.close(fig)
+
+
+def test_plotting_never_changes_the_users_backend():
+    """`xorbit.plot` switched matplotlib to Agg, silencing `plt.show()` afterwards."""
+    plt.close("all")
+    matplotlib.use("svg")  # stands in for a user's interactive backend
+    try:
+        field = coarsen(hadcm3_air_temperature().isel(time=0), 4)
+        fig = compare_maps({"truth": field, "same": field}, error_of="same")
+        assert matplotlib.get_backend() == "svg"
+        assert plt.fignum_exists(fig.number)  # a pyplot figure: plt.show() shows it
+    finally:
+        plt.close("all")
+        matplotlib.use("Agg")

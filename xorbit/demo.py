@@ -94,11 +94,16 @@ def run_demo(
     fig = _demo_figure(test_coarse, bicubic, pred, truth, sel, year)
     png = out / "hadcm3_x4_demo.png"
     fig.savefig(png, dpi=110)
+    import matplotlib.pyplot as plt
+
     from .plot import report
 
     shown = {m: methods[m] for m in ("bicubic", "climatology", "ridge", "xorbit")}
     report_png = out / "hadcm3_x4_report.png"
-    report(truth, shown, coarse=test_coarse).savefig(report_png, dpi=90)
+    summary = report(truth, shown, coarse=test_coarse)
+    summary.savefig(report_png, dpi=90)
+    for done in (fig, summary):  # written: not left open in the caller's pyplot
+        plt.close(done)
     return {
         "table": table,
         "netcdf": nc,

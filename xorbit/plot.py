@@ -24,10 +24,11 @@ QQ_QUANTILES = np.array(
 
 
 def _pyplot():
-    """pyplot, on the Agg backend unless one is already chosen (headless runs)."""
-    import matplotlib
+    """pyplot, on whatever backend the user has (never switched here).
 
-    matplotlib.use("Agg", force=False)
+    matplotlib picks Agg by itself where there is no display, so headless runs
+    need nothing; an interactive session keeps its windows and ``plt.show()``.
+    """
     import matplotlib.pyplot as plt
 
     return plt
