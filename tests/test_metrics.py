@@ -421,7 +421,27 @@ def test_evaluate_compares_methods_like_separate_calls():
         xorbit.evaluate(ens, ens)
 
 
-def test_every_score_is_lazy_and_chunking_does_not_change_it():
+def test_small_dask_inputs_are_read_in_one_compute_and_scored_alike(monkeypatch):
+    """Each method's graph of every score took seconds to build for a small field."""
+    noisy, truth = two_variables(seed=6)
+    ens = ensemble_of(truth, seed=7)
+    preds = {"noisy": noisy, "ensemble": ens}
+    eager = xorbit.evaluate(preds, truth, baseline=truth + 1)
+    calls = []
+    compute = dask.compute
+    monkeypatch.setattr(dask, "compute", lambda *a, **k: calls.append(len(a)) or compute(*a, **k))
+    chunked = xorbit.evaluate(
+        {k: v.chunk(time=4) for k, v in preds.items()},
+        truth.chunk(time=4),
+        baseline=(truth + 1).chunk(time=4),
+    )
+    assert calls == [4]  # two methods, the truth and the baseline, together
+    assert all(v.chunks is None for v in chunked.data_vars.values())  # in memory already
+    xr.testing.assert_allclose(chunked, eager, rtol=1e-9)
+
+
+def test_every_score_is_lazy_and_chunking_does_not_change_it(monkeypatch):
+    monkeypatch.setattr(xorbit.metrics, "SMALL_INPUT_BYTES", 0)  # stay lazy however small
     noisy, truth = two_variables(seed=6)
     ens = ensemble_of(truth, seed=7)
     truth["tas"][2, 5:9, 3:12] = np.nan  # a masked patch

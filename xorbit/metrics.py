@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
+from contextvars import ContextVar
+from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 from scipy.ndimage import uniform_filter
@@ -31,6 +34,7 @@ from scipy.ndimage import uniform_filter
 from . import grid
 
 __all__ = [
+    "SMALL_INPUT_BYTES",
     "anomaly_r2",
     "bias",
     "crps",
@@ -57,6 +61,12 @@ __all__ = [
 Field = xr.DataArray | xr.Dataset
 
 
+# Set inside `evaluate`, which aligns and masks each pair once for all its
+# scores: every score function would otherwise add its own alignment and masks
+# to the graph (seconds of graph building for a small Dask input).
+_ALREADY_VALID: ContextVar[bool] = ContextVar("_ALREADY_VALID", default=False)
+
+
 def _valid(pred: xr.DataArray, truth: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
     """Both fields aligned, with NaN wherever either is NaN.
 
@@ -64,6 +74,8 @@ def _valid(pred: xr.DataArray, truth: xr.DataArray) -> tuple[xr.DataArray, xr.Da
     the mask, so the truth keeps its own dims and a pixel counts only where
     every member is valid.
     """
+    if _ALREADY_VALID.get():
+        return pred, truth
     try:
         pred, truth = xr.align(pred, truth, join="exact")
     except ValueError as err:
@@ -251,14 +263,19 @@ def fractional_year(time: xr.DataArray) -> xr.DataArray:
     return dt.year + (dt.dayofyear - 1 + seconds / 86400) / dt.days_in_year
 
 
-def trend(x: xr.DataArray, time_dim: Hashable = "time") -> xr.DataArray:
+def trend(
+    x: xr.DataArray, time_dim: Hashable = "time", years: xr.DataArray | None = None
+) -> xr.DataArray:
     """Least-squares linear trend of every series along ``time_dim``, per decade.
 
-    The slope against `fractional_year` times 10, over the time steps where
-    that pixel is not NaN; in the field's units per decade.
+    The slope against `fractional_year` times 10 (``years``, when already
+    computed for this time axis), over the time steps where that pixel is not
+    NaN; in the field's units per decade.
     """
     _require_dim(x, time_dim, "trend")
-    years = fractional_year(x[time_dim]).where(x.notnull())
+    if years is None:
+        years = fractional_year(x[time_dim])
+    years = years.where(x.notnull())
     # cov(years, x) / var(years) over the same steps; ddof cancels.  Unlike
     # xskillscore.linslope it is plain reductions, so time may stay chunked.
     return (10 * xr.cov(years, x, [time_dim]) / xr.cov(years, years, [time_dim])).drop_vars(
@@ -270,7 +287,8 @@ def _trend_map(pred, truth, time_dim: Hashable) -> tuple[xr.DataArray, xr.DataAr
     """Per-pixel trend of ``pred`` minus that of ``truth``, and the masked truth."""
     p, t = _valid(pred, truth)
     _require_dim(t, time_dim, "trend_bias")
-    return trend(p, time_dim) - trend(t, time_dim), t
+    years = fractional_year(t[time_dim])  # cftime dates: slow, once for both
+    return trend(p, time_dim, years) - trend(t, time_dim, years), t
 
 
 def trend_bias(
@@ -588,12 +606,50 @@ def scale_spread(pred, alpha, sample_dim: Hashable = "sample"):
 # --------------------------------------------------------------------- evaluate
 
 
+# Dask inputs of `evaluate` that together take at most this many bytes are read
+# in one `dask.compute` (every method, the truth and the baseline at once) and
+# scored in memory: building the lazy graph of every score costs more (about
+# 0.5 s per method) than scoring a small field.
+SMALL_INPUT_BYTES = 64 * 2**20
+# False outside `evaluate`; True inside, once the inputs are settled
+_SMALL_LOADED: ContextVar[bool] = ContextVar("_SMALL_LOADED", default=False)
+
+
+def _loaded_if_small(fields: list[Any]) -> list[Any]:
+    """``fields`` (None allowed), the Dask-backed ones computed together if all are small."""
+    lazy = [f for f in fields if f is not None and dask.is_dask_collection(f)]
+    total = sum(int(f.nbytes) for f in fields if f is not None)
+    if not lazy or total > SMALL_INPUT_BYTES:
+        return fields
+    done = iter(dask.compute(*lazy))
+    return [next(done) if f is not None and dask.is_dask_collection(f) else f for f in fields]
+
+
 def _evaluate_one(pred, truth, baseline, time_dim, sample_dim) -> dict[str, xr.DataArray]:
-    ensemble = sample_dim in pred.dims
     if sample_dim in truth.dims:
         raise ValueError(
             f"the truth has the ensemble dimension {sample_dim!r}; only the prediction may"
         )
+    scores: dict[str, xr.DataArray] = {}
+    if baseline is not None:
+        if sample_dim in baseline.dims:
+            baseline = baseline.mean(sample_dim)
+        scores["rmse_baseline"] = rmse(baseline, truth)
+    # aligned and masked once here, for every score below
+    pred, truth = _valid(pred, truth)
+    token = _ALREADY_VALID.set(True)
+    try:
+        scores = _scores(pred, truth, time_dim, sample_dim) | scores
+    finally:
+        _ALREADY_VALID.reset(token)
+    if baseline is not None:
+        scores["skill_rmse"] = 1 - scores["rmse"] / scores["rmse_baseline"]
+    return scores
+
+
+def _scores(pred, truth, time_dim, sample_dim) -> dict[str, xr.DataArray]:
+    """Every score of one aligned, masked pair (`_evaluate_one`)."""
+    ensemble = sample_dim in pred.dims
     # deterministic scores judge the ensemble mean; the distributional ones
     # below take every member, whose extremes and small scales the mean lacks
     det = pred.mean(sample_dim) if ensemble else pred
@@ -631,12 +687,6 @@ def _evaluate_one(pred, truth, baseline, time_dim, sample_dim) -> dict[str, xr.D
         add_means("crps", *_crps_map(pred, truth, sample_dim))
         if pred.sizes[sample_dim] > 1:
             scores["spread_skill"] = spread_skill(pred, truth, sample_dim)
-    if baseline is not None:
-        if sample_dim in baseline.dims:
-            baseline = baseline.mean(sample_dim)
-        base = rmse(baseline, truth)
-        scores["rmse_baseline"] = base
-        scores["skill_rmse"] = 1 - scores["rmse"] / base
     return scores
 
 
@@ -680,7 +730,11 @@ def evaluate(
         ensemble ``crps`` and ``spread_skill``; ``_latw`` variants of rmse, mae,
         the quantile, trend and crps scores on latitude grids; the baseline scores.
         A score one method of a dict lacks (crps of a deterministic one) is NaN.
-        Lazy on Dask input: call ``.compute()``.
+        Lazy on Dask input: call ``.compute()``.  Dask inputs that together
+        take at most `SMALL_INPUT_BYTES` (64 MiB) are instead read in one
+        ``dask.compute`` (every method, the truth and the baseline at once)
+        and scored in memory: for a small field that is faster than building
+        the lazy graph of every score.
 
     Raises
     ------
@@ -691,6 +745,19 @@ def evaluate(
         orientation, longitude convention or a larger domain), or the truth has
         ``sample_dim``.
     """
+    if _SMALL_LOADED.get() is False:
+        token = _SMALL_LOADED.set(True)  # the inputs of this call, loaded or not, once
+        try:
+            many = isinstance(pred, Mapping) and not isinstance(pred, xr.Dataset)
+            names = list(pred) if many else []
+            fields = [*(pred.values() if many else [pred]), truth, baseline]  # type: ignore[union-attr]
+            *preds, truth, baseline = _loaded_if_small(fields)
+            pred = dict(zip(names, preds, strict=True)) if many else preds[0]
+            return evaluate(
+                pred, truth, baseline=baseline, time_dim=time_dim, sample_dim=sample_dim
+            )
+        finally:
+            _SMALL_LOADED.reset(token)
     if isinstance(pred, Mapping) and not isinstance(pred, xr.Dataset):  # a Dataset is a Mapping
         if not pred:
             raise ValueError("evaluate got an empty dict of predictions; give {name: prediction}")
