@@ -504,8 +504,9 @@ def fit(
             bar.close()
         # the mean over every rank's batches (each rank sees as many), the loss
         # one process with the global batch reports
-        total = _sum_over_ranks(np.array([running]), world_size, device)[0]
-        record = {"epoch": epoch + 1, "loss": float(total) / (steps_per_epoch * world_size)}
+        if world_size > 1:
+            running = float(_sum_over_ranks(np.array([running]), world_size, device)[0])
+        record = {"epoch": epoch + 1, "loss": running / (steps_per_epoch * world_size)}
         record["lr"] = float(scheduler.get_last_lr()[0])
         if validating:
             sums = validation_sums(dsr, vals, tile=opts.tile, halo=opts.halo, device=opts.device)
