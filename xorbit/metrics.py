@@ -745,14 +745,15 @@ def evaluate(
         orientation, longitude convention or a larger domain), or the truth has
         ``sample_dim``.
     """
-    if _SMALL_LOADED.get() is False:
+    if not _SMALL_LOADED.get():
         token = _SMALL_LOADED.set(True)  # the inputs of this call, loaded or not, once
         try:
-            many = isinstance(pred, Mapping) and not isinstance(pred, xr.Dataset)
-            names = list(pred) if many else []
-            fields = [*(pred.values() if many else [pred]), truth, baseline]  # type: ignore[union-attr]
-            *preds, truth, baseline = _loaded_if_small(fields)
-            pred = dict(zip(names, preds, strict=True)) if many else preds[0]
+            names: list[str] | None = None
+            given: list[Any] = [pred]
+            if isinstance(pred, Mapping) and not isinstance(pred, xr.Dataset):
+                names, given = list(pred), list(pred.values())
+            *loaded, truth, baseline = _loaded_if_small([*given, truth, baseline])
+            pred = loaded[0] if names is None else dict(zip(names, loaded, strict=True))
             return evaluate(
                 pred, truth, baseline=baseline, time_dim=time_dim, sample_dim=sample_dim
             )
