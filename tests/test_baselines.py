@@ -9,11 +9,12 @@ import xarray as xr
 
 import xorbit
 from xorbit import coarsen
-from xorbit.baselines import _windows, fit_ridge
+from xorbit.baselines import fit_ridge
 from xorbit.datasets import hadcm3_air_temperature
 from xorbit.grid import match_grid
 from xorbit.metrics import anomaly_r2, rmse
 from xorbit.regrid import upsample_array
+from xorbit.ridge import windows as _windows
 
 SPLIT = 2040
 
@@ -122,3 +123,35 @@ def test_errors_name_the_problem(hadcm3):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert xorbit.baseline(cs, "nearest", factor=4).shape == (59, 36, 48)
+
+
+def test_ridge_reads_several_predictors():
+    """A fine detail set by a second coarse variable (a wind) is out of reach of
+    the output's own ridge and within reach of the ridge on both."""
+    rng = np.random.default_rng(4)
+    t, ny, nx, k = 80, 4, 5, 2
+    lat = np.arange(ny) * 1.0 + 40
+    lon = np.arange(nx) * 1.0 + 10
+    u = rng.normal(size=(t, ny, nx))
+    tas_fine = rng.normal(size=(t, ny * k, nx * k)) * 0.1
+    pattern = np.tile([[1.0, -1.0], [-1.0, 1.0]], (ny, nx))  # zero mean in every cell
+    tas_fine += u.repeat(k, 1).repeat(k, 2) * pattern
+    fcoords = {
+        "time": np.arange(t),
+        "lat": np.repeat(lat, k) + np.tile([-0.25, 0.25], ny),
+        "lon": np.repeat(lon, k) + np.tile([-0.25, 0.25], nx),
+    }
+    fine = xr.Dataset({"tas": (("time", "lat", "lon"), tas_fine)}, coords=fcoords)
+    coarse = coarsen(fine, k)
+    coarse["u"] = (("time", "lat", "lon"), u)
+    train = (coarse.isel(time=slice(0, 60)), fine.isel(time=slice(0, 60)))
+    test = coarse.isel(time=slice(60, None))
+    truth = fine.isel(time=slice(60, None)).tas
+    alone = xorbit.baseline(test, "ridge", train=train)
+    both = xorbit.baseline(test, "ridge", train=train, predictors=["tas", "u"])
+    assert list(both.data_vars) == ["tas"]  # u is a predictor, not an output
+    assert float(rmse(both.tas, truth)) < 0.3 * float(rmse(alone.tas, truth))
+    with pytest.raises(KeyError, match=r"predictors \['v'\] are not in the coarse data"):
+        xorbit.baseline(test, "ridge", train=train, predictors=["tas", "v"])
+    with pytest.raises(ValueError, match="predictors= is an option of the ridge baseline"):
+        xorbit.baseline(test, "climatology", train=train, predictors=["u"])

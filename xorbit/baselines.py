@@ -24,7 +24,6 @@ block, to Dask input.  xarray and numpy only: no torch here.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -33,18 +32,13 @@ import xarray as xr
 
 from . import grid
 from .regrid import interpolate
+from .ridge import RidgeFit, fit_ridge
 
 __all__ = ["INTERPOLATIONS", "METHODS", "TRAINED", "RidgeFit", "baseline", "fit_ridge"]
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "conservative")
 TRAINED = ("climatology", "ridge", "qdm")
 METHODS = INTERPOLATIONS + TRAINED
-
-# A domain of at most this many coarse pixels is one ridge window.
-WHOLE_DOMAIN_MAX = 400
-# Penalties tried by cross-validation, in units of the number of training years
-# (predictors are standardized, so X^T X has about that on its diagonal).
-ALPHAS = np.logspace(-3, 2, 16)
 
 
 def baseline(
@@ -57,14 +51,16 @@ def baseline(
     time_dim: Hashable = "time",
     window: int | None = None,
     nquantiles: int = 50,
+    predictors: Sequence[str] | None = None,
+    _inputs: tuple[xr.Dataset, xr.Dataset] | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """A statistical baseline on the fine grid of ``.orbit.downscale``; lazy on Dask input.
 
     Parameters
     ----------
     coarse
-        The coarse fields to downscale (a DataArray, or every spatial variable
-        of a Dataset).
+        The coarse fields to downscale: a DataArray, or a Dataset (each of its
+        spatial variables; with ``train``, those the fine training data hold).
     method
         One of `METHODS` (see the module docstring).
     train
@@ -83,12 +79,19 @@ def baseline(
         most `WHOLE_DOMAIN_MAX` coarse pixels, else 5 (11 x 11 predictors).
     nquantiles
         QDM only: quantiles of the transfer function.
+    predictors
+        Ridge only, ``coarse`` a Dataset: the coarse variables each output is
+        regressed on (every one in each cell's window), e.g.
+        ``["pr", "u", "v"]`` for precipitation from itself and the winds.
+        Default: the output variable alone.
 
     Raises
     ------
     ValueError
-        For an unknown method, a trained method without ``train``, or a factor
-        that cannot be inferred.
+        For an unknown method, a trained method without ``train``, a factor
+        that cannot be inferred, or ``predictors`` without a Dataset.
+    KeyError
+        For a predictor missing from ``coarse`` or the coarse training data.
     """
     if method not in METHODS:
         raise ValueError(f"unknown baseline method {method!r}; choose one of {METHODS}")
@@ -103,22 +106,45 @@ def baseline(
     options: dict[str, Any] = dict(
         factor=factor, periodic=periodic, time_dim=time_dim, window=window, nquantiles=nquantiles
     )
+    if predictors is not None and method != "ridge":
+        raise ValueError(f"predictors= is an option of the ridge baseline, not of {method!r}")
     if isinstance(coarse, xr.Dataset):
         ydim, xdim = grid.spatial_dims(coarse)
+        if predictors is not None:
+            assert train is not None  # ridge is trained
+            names = list(predictors)
+            for label, ds in (("the coarse data", coarse), ("the coarse training data", train[0])):
+                missing = [n for n in names if n not in ds.data_vars]
+                if missing:
+                    raise KeyError(
+                        f"predictors {missing} are not in {label} "
+                        f"(has {sorted(map(str, ds.data_vars))})"
+                    )
+            options["_inputs"] = (coarse[names], _as_dataset(train[0])[names])
+        wanted = [
+            name
+            for name, var in coarse.data_vars.items()
+            if ydim in var.dims
+            and xdim in var.dims
+            and (train is None or isinstance(train[1], xr.DataArray) or name in train[1])
+        ]
         out = {
             name: baseline(
-                var,
+                coarse[name],
                 method,
                 train=None
                 if train is None
                 else (_variable(train[0], name), _variable(train[1], name)),
                 **options,
             )
-            for name, var in coarse.data_vars.items()
-            if ydim in var.dims and xdim in var.dims
+            for name in wanted
         }
         return xr.Dataset(out, attrs=dict(coarse.attrs)).assign_coords(
             grid.fine_grid(coarse, factor, ydim, xdim)
+        )
+    if predictors is not None:
+        raise ValueError(
+            "predictors= names variables of a Dataset: give coarse (and train) as Datasets"
         )
     if periodic is None:
         ydim, xdim = grid.spatial_dims(coarse)
@@ -142,9 +168,19 @@ def baseline(
         return (fine + correction).assign_attrs(fine.attrs).rename(coarse.name)
     if method == "qdm":
         return _qdm(fine, bicubic_train, truth, time_dim, nquantiles)
-    return _ridge(
-        coarse, fine, coarse_train, bicubic_train, truth, factor, time_dim, window, periodic
-    )
+    if _inputs is None:
+        inputs = (coarse.to_dataset(name="_x"), coarse_train.to_dataset(name="_x"))
+    else:
+        ref = coarse.to_dataset(name="_ref")
+        inputs = (
+            _inputs[0],
+            grid.match_grid(_inputs[1], ref, label="coarse training data", ref_label="coarse data"),
+        )
+    return _ridge(inputs, fine, bicubic_train, truth, factor, time_dim, window, periodic)
+
+
+def _as_dataset(obj: xr.DataArray | xr.Dataset) -> xr.Dataset:
+    return obj if isinstance(obj, xr.Dataset) else obj.to_dataset()
 
 
 def _variable(obj: xr.DataArray | xr.Dataset, name: Hashable) -> xr.DataArray:
@@ -197,174 +233,31 @@ def _qdm(fine, bicubic_train, truth, time_dim, nquantiles):
 
 
 # --------------------------------------------------------------------------- ridge
-@dataclass
-class RidgeFit:
-    """A fitted per-window ridge regression.
+def _ridge(inputs, fine, bicubic_train, truth, factor, time_dim, window, periodic):
+    """Bicubic plus the ridge of ``fine - bicubic`` on the predictors ``inputs``.
 
-    ``windows [n_cells, p]``: flat coarse indices of each coarse cell's
-    predictors (every row the same when the window is the whole domain);
-    ``coef [n_cells, p, k*k]`` the coefficients of the ``k*k`` fine pixels of
-    each cell; ``x_mean, x_std [ny*nx]`` the predictors' scaling;
-    ``r_mean [n_cells, k*k]`` the mean residual (the climatological
-    correction); ``alpha`` the penalty chosen among ``alphas`` by the blocked
-    cross-validation RMSE ``cv_rmse``.
+    ``inputs``: ``(coarse, coarse_train)`` Datasets of the predictors, on the
+    data's cells; the regression reads every one of their variables.
     """
-
-    windows: np.ndarray
-    coef: np.ndarray
-    x_mean: np.ndarray
-    x_std: np.ndarray
-    r_mean: np.ndarray
-    alpha: float
-    alphas: np.ndarray
-    cv_rmse: np.ndarray
-    shape: tuple[int, int]
-    factor: int
-
-    @property
-    def whole_domain(self) -> bool:
-        return bool((self.windows == self.windows[0]).all())
-
-    def predict(self, coarse: np.ndarray) -> np.ndarray:
-        """Residual ``[..., ny k, nx k]`` for coarse fields ``[..., ny, nx]``."""
-        ny, nx = self.shape
-        k = self.factor
-        lead = coarse.shape[:-2]
-        x = np.nan_to_num((coarse.reshape(-1, ny * nx) - self.x_mean) / self.x_std)
-        if self.whole_domain:  # one design matrix for every cell: a plain product
-            r = np.einsum("tp,cpq->tcq", x, self.coef)
-        else:
-            r = np.einsum("tcp,cpq->tcq", x[:, self.windows], self.coef)
-        r = (r + self.r_mean).reshape(-1, ny, nx, k, k).transpose(0, 1, 3, 2, 4)
-        return r.reshape(*lead, ny * k, nx * k).astype(np.float32)
-
-
-def _windows(ny: int, nx: int, half: int | None, periodic: bool) -> np.ndarray:
-    """Flat predictor indices ``[n_cells, p]`` of each coarse cell's window.
-
-    A window that would cross a non-periodic edge is shifted inward (as tiles
-    are), so every window has the same size; a periodic longitude wraps.
-    """
-    if half is None or (2 * half + 1 >= ny and 2 * half + 1 >= nx):
-        return np.tile(np.arange(ny * nx), (ny * nx, 1))
-    wy, wx = min(2 * half + 1, ny), min(2 * half + 1, nx)
-    iy, ix = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
-    y0 = np.clip(iy - half, 0, ny - wy)
-    x0 = ix - half if periodic else np.clip(ix - half, 0, nx - wx)
-    dy, dx = np.meshgrid(np.arange(wy), np.arange(wx), indexing="ij")
-    rows = y0.reshape(-1, 1) + dy.reshape(1, -1)
-    cols = (x0.reshape(-1, 1) + dx.reshape(1, -1)) % nx
-    return rows * nx + cols
-
-
-def _solve(u, s, vt, r, alphas):
-    """Ridge coefficients for each alpha: ``V diag(s / (s² + α)) Uᵀ R`` (batched)."""
-    ur = np.einsum("gtm,gtq->gmq", u, r)
-    return [np.einsum("gmp,gm,gmq->gpq", vt, s / (s**2 + a), ur) for a in alphas]
-
-
-def fit_ridge(
-    coarse: np.ndarray,
-    residual: np.ndarray,
-    factor: int,
-    *,
-    window: int | None = None,
-    periodic: bool = False,
-    alphas: Sequence[float] | None = None,
-    folds: int = 5,
-    batch: int = 256,
-) -> RidgeFit:
-    """Fit the per-window ridge of `baseline`'s ``"ridge"`` on numpy arrays.
-
-    ``coarse [T, ny, nx]`` training coarse fields; ``residual [T, ny k, nx k]``
-    their ``fine - bicubic`` (NaN: missing, left out).  One penalty for all
-    windows, the one with the least squared error over ``folds`` contiguous
-    blocks of years, each predicted by a fit on the others.
-    """
-    t, ny, nx = coarse.shape
-    k = int(factor)
-    if t < 4:
-        raise ValueError(f"ridge needs at least 4 training time steps, got {t}")
-    folds = min(folds, t // 2)
-    half = window
-    if half is None and ny * nx > WHOLE_DOMAIN_MAX:
-        half = 5
-    windows = _windows(ny, nx, half, periodic)
-    whole = bool((windows == windows[0]).all())
-    x_all = coarse.reshape(t, ny * nx).astype(np.float64)
-    x_mean = np.nanmean(x_all, axis=0)
-    x_std = np.nanstd(x_all, axis=0)
-    x_std = np.where(x_std > 0, x_std, 1.0)
-    x_all = np.nan_to_num((x_all - x_mean) / x_std)
-    r = residual.reshape(t, ny, k, nx, k).transpose(0, 1, 3, 2, 4).reshape(t, ny * nx, k * k)
-    r = r.astype(np.float64)
-    valid = np.isfinite(r)
-    r_mean = np.nan_to_num(np.nanmean(r, axis=0))
-    r_anom = np.where(valid, r - r_mean, 0.0)
-    grid_alphas = np.asarray(alphas if alphas is not None else ALPHAS * t, np.float64)
-    n_cells = ny * nx
-
-    def groups():
-        """(cells, design [g, T, p], targets [g, T, q]) in batches of cells."""
-        if whole:  # one design for all cells: one solve, every fine pixel a target
-            yield slice(None), x_all[None], r_anom.reshape(t, 1, -1).transpose(1, 0, 2)
-            return
-        for c0 in range(0, n_cells, batch):
-            cells = np.arange(c0, min(n_cells, c0 + batch))
-            yield (
-                cells,
-                np.moveaxis(x_all[:, windows[cells]], 1, 0),
-                np.moveaxis(r_anom[:, cells], 1, 0),
-            )
-
-    edges = np.linspace(0, t, folds + 1).round().astype(int)
-    sse = np.zeros(len(grid_alphas))
-    for _, x, y in groups():
-        for f in range(folds):
-            test = np.zeros(t, bool)
-            test[edges[f] : edges[f + 1]] = True
-            u, s, vt = np.linalg.svd(x[:, ~test], full_matrices=False)
-            for i, b in enumerate(_solve(u, s, vt, y[:, ~test], grid_alphas)):
-                pred = np.einsum("gtp,gpq->gtq", x[:, test], b)
-                sse[i] += float(((pred - y[:, test]) ** 2).sum())
-    alpha = float(grid_alphas[int(np.argmin(sse))])
-    coef = np.zeros((n_cells, windows.shape[1], k * k))
-    for cells, x, y in groups():
-        u, s, vt = np.linalg.svd(x, full_matrices=False)
-        b = _solve(u, s, vt, y, [alpha])[0]
-        if whole:  # [1, p, cells * q] -> [cells, p, q]
-            b = b[0].reshape(-1, n_cells, k * k).transpose(1, 0, 2)
-        coef[cells] = b
-    return RidgeFit(
-        windows=windows,
-        coef=coef.astype(np.float32),
-        x_mean=x_mean,
-        x_std=x_std,
-        r_mean=r_mean.astype(np.float32),
-        alpha=alpha,
-        alphas=grid_alphas,
-        cv_rmse=np.sqrt(sse / max(1, int(valid.sum()))),
-        shape=(ny, nx),
-        factor=k,
-    )
-
-
-def _ridge(coarse, fine, coarse_train, bicubic_train, truth, factor, time_dim, window, periodic):
-    ydim, xdim = grid.spatial_dims(coarse)
+    data, train = inputs
+    names = list(data.data_vars)
+    ydim, xdim = grid.spatial_dims(data)
     order = [time_dim, ydim, xdim]
-    ct = coarse_train.transpose(*order).values
-    residual = (truth - bicubic_train).transpose(*order).values
+    ct = np.stack([train[n].transpose(*order).values for n in names], axis=1)
+    residual = (truth - bicubic_train).transpose(*order).values[:, None]
     fit = fit_ridge(ct, residual, factor, window=window, periodic=bool(periodic))
-    dims = [d for d in coarse.dims if d not in (ydim, xdim)] + [ydim, xdim]
-    src = coarse.transpose(*dims)
-    ny, nx = src.shape[-2:]
-    data = src.data
-    if isinstance(data, da.Array):
-        data = data.rechunk({-2: -1, -1: -1})
-        chunks = (*data.chunks[:-2], (ny * factor,), (nx * factor,))
-        correction = data.map_blocks(fit.predict, chunks=chunks, dtype=np.float32)
+    dims = [d for d in fine.dims if d not in (ydim, xdim)] + [ydim, xdim]
+    lead = dims[:-2]
+    srcs = [data[n].transpose(*[d for d in lead if d in data[n].dims], ydim, xdim) for n in names]
+    ny, nx = srcs[0].shape[-2:]
+    if any(isinstance(s.data, da.Array) for s in srcs):
+        stacked = da.stack([da.asarray(s.data) for s in srcs], axis=-3)
+        stacked = stacked.rechunk({-3: -1, -2: -1, -1: -1})
+        chunks = (*stacked.chunks[:-3], (1,), (ny * factor,), (nx * factor,))
+        correction = stacked.map_blocks(fit.predict, chunks=chunks, dtype=np.float32)[..., 0, :, :]
     else:
-        correction = fit.predict(np.asarray(data, np.float64))
+        stacked = np.stack([np.asarray(s.values, np.float64) for s in srcs], axis=-3)
+        correction = fit.predict(stacked)[..., 0, :, :]
     out = fine.transpose(*dims) + xr.DataArray(correction, dims=dims)
     out = out.transpose(*fine.dims).assign_attrs(fine.attrs).rename(fine.name)
     out.attrs["xorbit_ridge_alpha"] = fit.alpha

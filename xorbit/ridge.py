@@ -1,0 +1,235 @@
+"""Ridge regression from coarse windows to fine pixels, in closed form: numpy only.
+
+The linear map a downscaling model has to contain.  Each coarse cell's
+``factor x factor`` fine pixels (of every output variable) are regressed on the
+standardized coarse values of every input variable in a window around the cell
+(the whole grid when it is small), one set of coefficients per cell.  The
+penalty is chosen among `ALPHAS` by blocked cross-validation over the samples'
+order (contiguous folds: years are autocorrelated), the fit is an SVD per
+window.
+
+Two users: the ``"ridge"`` baseline (`xorbit.baselines`), fitted on a training
+pair and applied to the data, and the linear path of a Reslim model
+(`xorbit.model.linear`), fitted on the training windows before the network
+learns what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ALPHAS", "WHOLE_DOMAIN_MAX", "RidgeFit", "fit_ridge", "windows"]
+
+# A grid of at most this many coarse cells is one window (every cell a predictor).
+WHOLE_DOMAIN_MAX = 400
+# Half-width of a cell's window on larger grids: 11 x 11 coarse cells.
+LOCAL_HALF = 5
+# Penalties tried by cross-validation, in units of the number of samples
+# (predictors are standardized, so X^T X has about that on its diagonal).
+ALPHAS = np.logspace(-3, 2, 16)
+
+
+@dataclass
+class RidgeFit:
+    """A fitted per-cell ridge regression on a ``shape`` coarse grid.
+
+    ``windows [n_cells, p]``: flat indices, into the ``n_in * ny * nx``
+    predictors, of each coarse cell's (every row the same when the window is
+    the whole grid); ``coef [n_cells, p, n_out * k * k]`` the coefficients of
+    the cell's fine pixels, output variable by output variable; ``x_mean,
+    x_std [n_in * ny * nx]`` the predictors' scaling; ``r_mean [n_cells,
+    n_out * k * k]`` the mean target; ``alpha`` the penalty chosen among
+    ``alphas`` by the blocked cross-validation RMSE ``cv_rmse``.  ``stacked``:
+    fitted on ``[T, n_in, ny, nx]`` inputs (`predict` then takes and returns a
+    variable axis), else on ``[T, ny, nx]``.
+    """
+
+    windows: np.ndarray
+    coef: np.ndarray
+    x_mean: np.ndarray
+    x_std: np.ndarray
+    r_mean: np.ndarray
+    alpha: float
+    alphas: np.ndarray
+    cv_rmse: np.ndarray
+    shape: tuple[int, int]
+    factor: int
+    n_in: int = 1
+    n_out: int = 1
+    stacked: bool = False
+
+    @property
+    def whole_domain(self) -> bool:
+        return bool((self.windows == self.windows[0]).all())
+
+    def predict(self, coarse: np.ndarray) -> np.ndarray:
+        """Fine fields for coarse inputs.
+
+        ``[..., ny, nx]`` → ``[..., ny k, nx k]``, or, for a fit on stacked
+        variables, ``[..., n_in, ny, nx]`` → ``[..., n_out, ny k, nx k]``.
+        """
+        ny, nx = self.shape
+        k = self.factor
+        lead = coarse.shape[:-3] if self.stacked else coarse.shape[:-2]
+        p_all = self.n_in * ny * nx
+        x = np.nan_to_num((coarse.reshape(-1, p_all) - self.x_mean) / self.x_std)
+        if self.whole_domain:  # one design matrix for every cell: a plain product
+            r = np.einsum("tp,cpq->tcq", x, self.coef)
+        else:
+            r = np.einsum("tcp,cpq->tcq", x[:, self.windows], self.coef)
+        r = (r + self.r_mean).reshape(-1, ny, nx, self.n_out, k, k)
+        r = r.transpose(0, 3, 1, 4, 2, 5).reshape(-1, self.n_out, ny * k, nx * k)
+        out = (
+            r.reshape(*lead, self.n_out, ny * k, nx * k)
+            if self.stacked
+            else r.reshape(*lead, ny * k, nx * k)
+        )
+        return out.astype(np.float32)
+
+
+def windows(ny: int, nx: int, half: int | None, periodic: bool, n_in: int = 1) -> np.ndarray:
+    """Flat predictor indices ``[n_cells, n_in * p]`` of each coarse cell's window.
+
+    A window that would cross a non-periodic edge is shifted inward (as tiles
+    are), so every window has the same size; a periodic longitude wraps.
+    ``half=None`` (or a window as large as the grid): every cell.  With
+    several input variables a cell's window holds each variable's cells in
+    turn (variable ``v``'s cells are ``v * ny * nx + ...``).
+    """
+    if half is None or (2 * half + 1 >= ny and 2 * half + 1 >= nx):
+        spatial = np.tile(np.arange(ny * nx), (ny * nx, 1))
+    else:
+        wy, wx = min(2 * half + 1, ny), min(2 * half + 1, nx)
+        iy, ix = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+        y0 = np.clip(iy - half, 0, ny - wy)
+        x0 = ix - half if periodic else np.clip(ix - half, 0, nx - wx)
+        dy, dx = np.meshgrid(np.arange(wy), np.arange(wx), indexing="ij")
+        rows = y0.reshape(-1, 1) + dy.reshape(1, -1)
+        cols = (x0.reshape(-1, 1) + dx.reshape(1, -1)) % nx
+        spatial = rows * nx + cols
+    return np.concatenate([spatial + v * ny * nx for v in range(n_in)], axis=1)
+
+
+def _solve(u, s, vt, r, alphas):
+    """Ridge coefficients for each alpha: ``V diag(s / (s² + α)) Uᵀ R`` (batched)."""
+    ur = np.einsum("gtm,gtq->gmq", u, r)
+    return [np.einsum("gmp,gm,gmq->gpq", vt, s / (s**2 + a), ur) for a in alphas]
+
+
+def fit_ridge(
+    coarse: np.ndarray,
+    residual: np.ndarray,
+    factor: int,
+    *,
+    window: int | None = None,
+    periodic: bool = False,
+    alphas: Sequence[float] | None = None,
+    folds: int = 5,
+    batch: int = 256,
+) -> RidgeFit:
+    """Fit a per-cell ridge from coarse windows to fine pixels.
+
+    Parameters
+    ----------
+    coarse
+        Predictors ``[T, ny, nx]``, or ``[T, n_in, ny, nx]`` for several input
+        variables.
+    residual
+        Targets ``[T, ny k, nx k]``, or ``[T, n_out, ny k, nx k]`` with stacked
+        inputs; NaN: missing, left out.
+    factor
+        ``k``.
+    window
+        Half-width of a cell's window in coarse cells; default the whole grid
+        when it has at most `WHOLE_DOMAIN_MAX` cells, else `LOCAL_HALF`.
+    periodic
+        Whether windows wrap around in x.
+    alphas
+        Penalties to try; default `ALPHAS` times ``T``.
+    folds
+        Contiguous blocks of samples for the cross-validation: one penalty for
+        all windows, the one with the least squared error over the blocks,
+        each predicted by a fit on the others.
+    """
+    stacked = coarse.ndim == 4
+    if not stacked:
+        coarse, residual = coarse[:, None], residual[:, None]
+    t, n_in, ny, nx = coarse.shape
+    n_out = residual.shape[1]
+    k = int(factor)
+    if t < 4:
+        raise ValueError(f"ridge needs at least 4 training samples, got {t}")
+    if residual.shape != (t, n_out, ny * k, nx * k):
+        raise ValueError(
+            f"ridge: targets of shape {residual.shape} do not match inputs {coarse.shape} "
+            f"times factor {k}"
+        )
+    folds = min(folds, t // 2)
+    half = window
+    if half is None and ny * nx > WHOLE_DOMAIN_MAX:
+        half = LOCAL_HALF
+    win = windows(ny, nx, half, periodic, n_in)
+    whole = bool((win == win[0]).all())
+    x_all = coarse.reshape(t, n_in * ny * nx).astype(np.float64)
+    x_mean = np.nanmean(x_all, axis=0)
+    x_std = np.nanstd(x_all, axis=0)
+    x_std = np.where(x_std > 0, x_std, 1.0)
+    x_all = np.nan_to_num((x_all - x_mean) / x_std)
+    q = n_out * k * k
+    r = residual.reshape(t, n_out, ny, k, nx, k).transpose(0, 2, 4, 1, 3, 5).reshape(t, ny * nx, q)
+    r = r.astype(np.float64)
+    valid = np.isfinite(r)
+    r_mean = np.nan_to_num(np.nanmean(r, axis=0))
+    r_anom = np.where(valid, r - r_mean, 0.0)
+    grid_alphas = np.asarray(alphas if alphas is not None else ALPHAS * t, np.float64)
+    n_cells = ny * nx
+
+    def groups():
+        """(cells, design [g, T, p], targets [g, T, q]) in batches of cells."""
+        if whole:  # one design for all cells: one solve, every fine pixel a target
+            yield slice(None), x_all[None], r_anom.reshape(t, 1, -1).transpose(1, 0, 2)
+            return
+        for c0 in range(0, n_cells, batch):
+            cells = np.arange(c0, min(n_cells, c0 + batch))
+            yield (
+                cells,
+                np.moveaxis(x_all[:, win[cells]], 1, 0),
+                np.moveaxis(r_anom[:, cells], 1, 0),
+            )
+
+    edges = np.linspace(0, t, folds + 1).round().astype(int)
+    sse = np.zeros(len(grid_alphas))
+    for _, x, y in groups():
+        for f in range(folds):
+            test = np.zeros(t, bool)
+            test[edges[f] : edges[f + 1]] = True
+            u, s, vt = np.linalg.svd(x[:, ~test], full_matrices=False)
+            for i, b in enumerate(_solve(u, s, vt, y[:, ~test], grid_alphas)):
+                pred = np.einsum("gtp,gpq->gtq", x[:, test], b)
+                sse[i] += float(((pred - y[:, test]) ** 2).sum())
+    alpha = float(grid_alphas[int(np.argmin(sse))])
+    coef = np.zeros((n_cells, win.shape[1], q))
+    for cells, x, y in groups():
+        u, s, vt = np.linalg.svd(x, full_matrices=False)
+        b = _solve(u, s, vt, y, [alpha])[0]
+        if whole:  # [1, p, cells * q] -> [cells, p, q]
+            b = b[0].reshape(-1, n_cells, q).transpose(1, 0, 2)
+        coef[cells] = b
+    return RidgeFit(
+        windows=win,
+        coef=coef.astype(np.float32),
+        x_mean=x_mean,
+        x_std=x_std,
+        r_mean=r_mean.astype(np.float32),
+        alpha=alpha,
+        alphas=grid_alphas,
+        cv_rmse=np.sqrt(sse / max(1, int(valid.sum()))),
+        shape=(ny, nx),
+        factor=k,
+        n_in=n_in,
+        n_out=n_out,
+        stacked=stacked,
+    )
