@@ -317,6 +317,7 @@ def test_downscale_has_every_option_of_the_python_call_with_its_default():
         "precision",
         "samples",
         "seed",
+        "constrain",
     }
     for p in options:
         assert p.name in actions, f"--{p.name.replace('_', '-')} is missing"

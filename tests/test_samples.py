@@ -101,6 +101,9 @@ def test_a_file_opened_without_chunks_is_not_loaded_whole(stored):
 def test_training_from_stores_matches_training_in_memory(stored):
     fine, coarse, where = stored
     kw = dict(epochs=2, batch_size=4, progress=False, seed=5, device="cpu", val_fraction=0.25)
+    # the data path alone: a closed-form linear path would amplify the last bits
+    # in which Dask's statistics differ from numpy's (tests/test_linear.py has it)
+    kw["linear_path"] = False
     eager = train(coarse, fine, small_config(), in_memory=True, **kw)
     lazy = train(
         opened(where / "coarse.zarr"), opened(where / "fine.zarr"), small_config(),
@@ -111,7 +114,7 @@ def test_training_from_stores_matches_training_in_memory(stored):
     assert lazy.mean["tas"] == pytest.approx(eager.mean["tas"], rel=1e-6, abs=1e-6)
     assert lazy.std["tas"] == pytest.approx(eager.std["tas"], rel=1e-6)
     init = weights(xorbit.Downscaler.from_config(small_config(), seed=5))
-    assert max_diff(weights(eager), init) > 1e-3
+    assert max_diff(init, weights(eager)) > 1e-3
     assert max_diff(weights(eager), weights(lazy)) < 1e-5
     for a, b in zip(lazy.history, eager.history, strict=True):
         assert a == pytest.approx(b, rel=1e-5)

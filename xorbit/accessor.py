@@ -29,9 +29,10 @@ import xarray as xr
 from . import grid
 from . import transforms as _transforms
 from ._version import __version__
-from .downscaler import Downscaler
+from .downscaler import Downscaler, check_constraints
 from .engine import downscale_array
 from .fields import fine_reference, on_grid, pack
+from .model.constraints import apply as apply_constraint
 from .units import convert, to_model_units
 from .variables import as_dataset, find_variable, gather
 
@@ -126,6 +127,7 @@ def downscale(
     precision: str = "auto",
     samples: int | None = None,
     seed: int = 0,
+    constrain: bool | Mapping[str, str] | None = None,
 ) -> xr.DataArray | xr.Dataset:
     """Downscale coarse fields with a `Downscaler` (see `OrbitDataArrayAccessor.downscale`)."""
     if not isinstance(downscaler, Downscaler):
@@ -154,6 +156,9 @@ def downscale(
     # the units each output goes back to: its input's, as given (or as said by units=)
     given = {n: (units or {}).get(n, v.attrs.get("units")) for n, v in inputs.items()}
     inputs = to_model_units(inputs, downscaler.units, units)
+    constraints = _constraints(downscaler, constrain)
+    # the coarse values the constraints hold the outputs to: model units, training orientation
+    totals = {n: _flip(inputs[n], flips) for n in constraints}
     for name, kind in downscaler.transforms.items():
         if name in inputs:
             var = _transforms.to_transform_units(inputs[name], kind, name)
@@ -236,6 +241,8 @@ def downscale(
             result = _keep(full, result)
         if name in downscaler.transforms:
             result = _keep(_transforms.inverse(result, downscaler.transforms[name]), result)
+        if name in constraints:
+            result = _constrained(result, totals[name], k, constraints[name], (ydim, xdim))
         back = given.get(name)
         if back and result.attrs.get("units") and back != result.attrs["units"]:
             result = convert(result, back, name)  # the caller's units, as the input came
@@ -249,6 +256,54 @@ def downscale(
     out_ds = out_ds.assign_coords({n: _flip(fine_coords[n], flips) for n in (ydim, xdim)})
     out_ds.attrs["history"] = _history(ds.attrs.get("history"), downscaler, weights_sha256, note)
     return out_ds
+
+
+def _constraints(dsr: Downscaler, constrain: bool | Mapping[str, str] | None) -> dict[str, str]:
+    """The coarse-consistency constraint of each output variable for this call."""
+    if constrain is None:
+        return dict(dsr.constraints)
+    if constrain is False:
+        return {}
+    if constrain is True:
+        chosen = {
+            v: "multiplicative" if v in dsr.nonnegative else "additive" for v in dsr.config.out_vars
+        }
+    else:
+        chosen = check_constraints(constrain, dsr.config.out_vars)
+    averaged = dsr.grid.get("cell_average", {})
+    odd = sorted(v for v in chosen if averaged.get(v) is False)
+    if odd:
+        warnings.warn(
+            f"the model's coarse training data for {odd} were not cell averages of the fine "
+            "data: a coarse-consistency constraint holds the output to something else",
+            GridWarning,
+            stacklevel=4,
+        )
+    return chosen
+
+
+def _constrained(
+    fine: xr.DataArray, coarse: xr.DataArray, k: int, kind: str, dims: tuple[str, str]
+) -> xr.DataArray:
+    """``fine`` held to ``coarse`` cell by cell (`xorbit.model.constraints.apply`), lazily.
+
+    Block by block: ``coarse`` is rechunked to ``fine``'s blocks (a fine
+    block is ``k`` times a coarse one along y and x), and dims ``fine`` has
+    and ``coarse`` lacks (``sample``) are broadcast.
+    """
+    lead = [d for d in fine.dims if d not in dims]
+    c = coarse.transpose(*[d for d in lead if d in coarse.dims], *dims)
+    c = c.expand_dims([d for d in lead if d not in coarse.dims]).transpose(*lead, *dims)
+    if not isinstance(fine.data, da.Array):
+        out = apply_constraint(np.asarray(fine.values), np.asarray(c.values), k, kind)
+        return fine.copy(data=out)
+    f = fine.data
+    chunks = tuple(
+        (1,) if c.sizes[d] == 1 and fine.sizes[d] != 1 else f.chunks[i] for i, d in enumerate(lead)
+    ) + tuple(tuple(n // k for n in f.chunks[len(lead) + j]) for j in range(2))
+    cd = da.asarray(c.data).rechunk(chunks)
+    out = da.map_blocks(apply_constraint, f, cd, k=k, kind=kind, dtype=f.dtype)
+    return fine.copy(data=out)
 
 
 def _resolution(dsr: Downscaler, ref: xr.DataArray, ydim: str, xdim: str) -> float | None:
@@ -356,6 +411,7 @@ class _OrbitBase:
         precision: str = "auto",
         samples: int | None = None,
         seed: int = 0,
+        constrain: bool | Mapping[str, str] | None = None,
     ) -> Any:
         """Downscale to the model's fine grid with TILES; lazy on Dask input.
 
@@ -405,6 +461,18 @@ class _OrbitBase:
         seed
             Seed of the members' dropout masks; the members depend on it and on
             nothing else (not on chunks, ``batch_size`` or laziness).
+        constrain
+            Coarse consistency (`xorbit.model.constraints`): the mean of the
+            output over each coarse cell equals the coarse input,
+            multiplicatively (positive, mass-preserving: precipitation) or
+            additively.  ``None`` (default): the model's
+            ``downscaler.constraints`` (multiplicative for its non-negative
+            outputs); ``False``: none; ``True``: every output, multiplicative
+            where non-negative, else additive; a dict ``{"tas": "additive"}``
+            names them.  Per coarse cell, so chunk- and tile-invariant, and
+            applied to every ensemble member.  Right only for coarse fields
+            that are cell averages of the fine grid's cells: a model whose
+            training data were not warns.
 
         Returns
         -------
@@ -448,6 +516,7 @@ class _OrbitBase:
             precision=precision,
             samples=samples,
             seed=seed,
+            constrain=constrain,
         )
 
     def interpolate(

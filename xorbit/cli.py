@@ -148,6 +148,7 @@ def _downscale(args: argparse.Namespace) -> int:
         precision=args.precision,
         samples=args.samples,
         seed=args.seed,
+        constrain=args.constrain,
     )
     target = Path(args.output)
     bar = ProgressBar() if not args.quiet else None
@@ -374,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="N ensemble members along a new 'sample' dimension (MC dropout)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the ensemble members (default 0)")
+    p.add_argument(
+        "--constrain",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="coarse consistency: --constrain for every output, --no-constrain for none "
+        "(default: the model's, multiplicative for precipitation)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_downscale)
 

@@ -24,9 +24,10 @@ from .fields import decode, encode
 from .grid import unwrap_longitude
 from .model.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from .model.config import ReslimConfig
+from .model.constraints import KINDS
 from .model.reslim import Reslim
 
-__all__ = ["Downscaler", "load", "training_grid"]
+__all__ = ["Downscaler", "check_constraints", "load", "training_grid"]
 
 
 @dataclass
@@ -73,6 +74,12 @@ class Downscaler:
         ``{"pr": "log1p"}``.  Their ``units`` are the transform's (``mm/day``);
         downscaling applies the transform to such inputs and its inverse to
         such outputs.
+    constraints
+        Coarse-consistency constraint per output variable
+        (`xorbit.model.constraints`): ``"multiplicative"`` or ``"additive"``;
+        ``.orbit.downscale`` applies them by default (``constrain=``).
+        `xorbit.train` sets ``"multiplicative"`` for non-negative outputs
+        when the coarse training data are cell averages of the fine ones.
     """
 
     model: Reslim
@@ -88,6 +95,7 @@ class Downscaler:
     static: dict[str, xr.DataArray] = field(default_factory=dict)
     static_packing: dict[str, str] = field(default_factory=dict)
     transforms: dict[str, str] = field(default_factory=dict)
+    constraints: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.transforms = _transforms.check(
@@ -110,6 +118,7 @@ class Downscaler:
             stray = sorted(set(clim) - set(allowed))
             if stray:
                 raise ValueError(f"Downscaler: {role} names variables {stray} the model lacks")
+        self.constraints = check_constraints(self.constraints, self.config.out_vars)
         odd = {k: v for k, v in self.static_packing.items() if v not in ("coarse", "fine")}
         if odd or set(self.static_packing) != set(self.static):
             raise ValueError(
@@ -199,6 +208,7 @@ class Downscaler:
             "static": {k: encode(v) for k, v in self.static.items()},
             "static_packing": dict(self.static_packing),
             "transforms": dict(self.transforms),
+            "constraints": dict(self.constraints),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -226,7 +236,22 @@ class Downscaler:
             static={k: decode(v) for k, v in extra.get("static", {}).items()},
             static_packing=dict(extra.get("static_packing", {})),
             transforms=dict(extra.get("transforms", {})),
+            constraints=dict(extra.get("constraints", {})),
         )
+
+
+def check_constraints(constraints: Mapping[str, str], out_vars: Sequence[str]) -> dict[str, str]:
+    """``constraints`` checked: output variables only, known kinds (errors name them)."""
+    out = dict(constraints or {})
+    stray = sorted(set(out) - set(out_vars))
+    if stray:
+        raise ValueError(
+            f"coarse-consistency constraints name {stray}, which are not outputs {list(out_vars)}"
+        )
+    odd = {k: v for k, v in out.items() if v not in KINDS}
+    if odd:
+        raise ValueError(f"unknown coarse-consistency constraints {odd}; choose one of {KINDS}")
+    return out
 
 
 def training_grid(y: Any, x: Any, multi_resolution: bool = False) -> dict[str, Any]:

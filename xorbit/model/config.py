@@ -127,6 +127,18 @@ class ReslimConfig:
         Adaptive tokens only: the side, in tokens, of the largest leaf (a
         power of two).  The input is padded to a multiple of
         ``max_leaf * patch_size`` pixels.
+    linear_window
+        ``(ny, nx)``: the model has a linear path (`xorbit.model.linear`), a
+        ridge regression from a window of this coarse size (every dynamic
+        input, standardized) to its fine outputs, one set of coefficients per
+        coarse cell, fitted in closed form by `xorbit.train` before the
+        network learns what it leaves.  Its output is added to the
+        interpolation and the network's correction.  ``None`` (default for a
+        config built by hand): no linear path.  `xorbit.train` sets it to the
+        training window (``TrainOptions.linear_path``).
+    linear_half
+        The linear path's predictors: every cell of the window (``None``), or
+        the ``(2 h + 1)²`` cells around each cell.
 
     Notes
     -----
@@ -157,6 +169,8 @@ class ReslimConfig:
     tokens: Tokens = "uniform"
     max_tokens: int | None = None
     max_leaf: int = 8
+    linear_window: tuple[int, int] | None = None
+    linear_half: int | None = None
 
     def __post_init__(self) -> None:
         self.in_vars = list(self.in_vars)
@@ -164,6 +178,8 @@ class ReslimConfig:
         self.static_vars = list(self.static_vars)
         # YAML gives lists; validate() below checks that it is a pair
         self.img_size = tuple(int(s) for s in self.img_size)  # type: ignore[assignment]
+        if self.linear_window is not None:
+            self.linear_window = tuple(int(s) for s in self.linear_window)  # type: ignore[assignment]
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -223,6 +239,17 @@ class ReslimConfig:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(
                 f"ReslimConfig: max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}"
+            )
+        if self.linear_window is not None and (
+            len(self.linear_window) != 2 or min(self.linear_window) < 1
+        ):
+            raise ValueError(
+                f"ReslimConfig: linear_window must be (ny, nx) >= 1 or None, got "
+                f"{self.linear_window}"
+            )
+        if self.linear_half is not None and (not _is_int(self.linear_half) or self.linear_half < 0):
+            raise ValueError(
+                f"ReslimConfig: linear_half must be an integer >= 0 or None, got {self.linear_half!r}"
             )
         if self.tokens == "adaptive" and self.unpatchify != "local":
             raise ValueError(
@@ -290,6 +317,8 @@ class ReslimConfig:
         """Plain, JSON/YAML-safe dictionary of every field."""
         d = dataclasses.asdict(self)
         d["img_size"] = list(self.img_size)
+        if self.linear_window is not None:
+            d["linear_window"] = list(self.linear_window)
         return d
 
     @classmethod

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import adaptive
 from .config import ReslimConfig
+from .linear import LinearPath
 
 __all__ = ["RES_SCALE", "Reslim", "sincos_pos_embed_2d", "unpatchify"]
 
@@ -179,6 +180,10 @@ class Reslim(nn.Module):
     `xorbit.model.adaptive`, on the leaves of ``partition(x)``.
     """
 
+    # with a linear path (``config.linear_window``): the path and the correction's weight
+    linear: LinearPath
+    gate: torch.Tensor
+
     def __init__(self, config: ReslimConfig) -> None:
         super().__init__()
         config.validate()
@@ -228,6 +233,14 @@ class Reslim(nn.Module):
             nn.PixelShuffle(k),
             nn.Conv2d(c.cnn_ratio, n_out, kernel_size=3, padding=1),
         )
+        # the linear path: a frozen ridge map of the dynamic inputs, and the
+        # weight of the network's correction on top of it (`xorbit.model.linear`)
+        self.dynamic_vars = [v for v in c.in_vars if v not in c.static_vars]
+        if c.linear_window is not None:
+            self.linear = LinearPath(
+                c.linear_window, len(self.dynamic_vars), n_out, k, c.linear_half
+            )
+            self.register_buffer("gate", torch.ones(()))
         self.apply(self._init_weights)
         nn.init.trunc_normal_(self.var_embed, std=0.02)
         nn.init.trunc_normal_(self.var_query, std=0.02)
@@ -444,12 +457,29 @@ class Reslim(nn.Module):
             grid = self.token_grid(xp.shape[-2:])
             out = self.forward_head(self.forward_encoder(xp, variables, res_km), grid)
         out = out + self.residual(xp, variables)
-        if self.config.interp_skip != "none":
-            idx = self.channel_indices(variables, self.config.out_vars)
-            out = out + F.interpolate(
-                xp[:, idx], scale_factor=k, mode=self.config.interp_skip, align_corners=False
-            )
-        return out[..., : h * k, : w * k]
+        if self.config.linear_window is not None:
+            out = out * self.gate
+        out = (out + self.skip(xp, variables))[..., : h * k, : w * k]
+        if self.config.linear_window is not None:
+            out = out + self.linear_map(x, variables)
+        return out
+
+    def skip(self, xp: torch.Tensor, variables: Sequence[str]) -> torch.Tensor:
+        """The fixed interpolation of the output variables (``config.interp_skip``).
+
+        ``xp``: padded coarse fields (zeros for ``interp_skip="none"``).
+        """
+        c = self.config
+        idx = self.channel_indices(variables, c.out_vars)
+        if c.interp_skip == "none":
+            return xp.new_zeros(xp.shape[0], len(idx), *(n * c.factor for n in xp.shape[-2:]))
+        return F.interpolate(
+            xp[:, idx], scale_factor=c.factor, mode=c.interp_skip, align_corners=False
+        )
+
+    def linear_map(self, x: torch.Tensor, variables: Sequence[str]) -> torch.Tensor:
+        """The linear path's fine fields for (unpadded) coarse fields ``x``."""
+        return self.linear(x[:, self.channel_indices(variables, self.dynamic_vars)])
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -16,8 +18,11 @@ from .. import transforms as _transforms
 from ..downscaler import Downscaler, training_grid
 from ..engine import default_device
 from ..model.config import ReslimConfig
-from ..units import to_model_units
+from ..model.constraints import block_mean
+from ..ridge import LOCAL_HALF, WHOLE_DOMAIN_MAX
+from ..units import convert, to_model_units
 from ..variables import as_dataset, gather, var_names
+from .linear import fit_gated, fit_linear_path
 from .loop import TrainOptions, fit, load_state, validate
 from .samples import CropMix, PairedCrops, compute_stats, in_memory, pair_arrays, split_time
 
@@ -27,6 +32,11 @@ __all__ = ["TrainOptions", "fit", "load_state", "train", "validate"]
 MIN_AUGMENTED_DRAWS = 4
 
 _CF_ATTRS = ("standard_name", "long_name", "units", "cell_methods")
+# A coarse field whose RMS difference from the fine field's block means is at
+# most this fraction of its spread is a cell average (float32 round-off of
+# `xorbit.coarsen` is ~1e-7); read on this many time steps.
+CELL_AVERAGE_TOLERANCE = 1e-3
+CELL_AVERAGE_STEPS = 8
 
 
 def train(
@@ -181,6 +191,15 @@ def train(
             [fds], config.out_vars, ydim=fy, xdim=fx, role="output", where=f"the fine data{where}"
         )
         given_found, given_targets = dict(found), dict(targets)
+        if i == 0:
+            # which outputs' coarse fields are cell averages of their fine ones:
+            # coarse-consistency constraints are right for those only
+            averaged = {
+                v: _cell_average_error(
+                    found[v], targets[v], (ydim, xdim), (fy, fx), config.factor, time_dim
+                )
+                for v in config.out_vars
+            }
         for name, kind in transforms.items():
             # in the transform's units (mm/day), then into model space
             for role in (found, targets):
@@ -278,6 +297,14 @@ def train(
         sets.append(data)
     first = grids[0]
     first_y, first_x = (first["cds"][d] for d in first["dims"])
+    crop = tuple(crop) if crop is not None else tuple(config.img_size)
+    h = min(d.coarse.shape[-2] for d in sets)
+    w = min(d.coarse.shape[-1] for d in sets)
+    # the windows training sees: downscaling a smaller grid warns
+    window = (min(int(crop[0]), h), min(int(crop[1]), w))
+    linear = opts.linear_path and not multi and config.linear_window is None
+    if linear:
+        config = config.replace(linear_window=window, linear_half=_linear_half(window))
     dsr = Downscaler.from_config(
         config,
         seed=seed,
@@ -293,15 +320,22 @@ def train(
         static_packing=packing,
         transforms=transforms,
     )
+    dsr.grid["cell_average"] = {v: bool(e <= CELL_AVERAGE_TOLERANCE) for v, e in averaged.items()}
+    for v in dsr.nonnegative:
+        if dsr.grid["cell_average"][v]:
+            dsr.constraints[v] = "multiplicative"
+        else:
+            warnings.warn(
+                f"the coarse {v!r} is not the cell average of the fine one (they differ by "
+                f"{averaged[v]:.3g} of the coarse field's spread): no coarse-consistency "
+                "constraint (its totals are not kept when downscaling)",
+                UserWarning,
+                stacklevel=2,
+            )
     if first["res_km"] is not None:
         # the resolution embedding reads the grid's spacing (older models: a constant)
         spacings = [float(g["res_km"]) for g in grids]
         dsr.grid["res_km"] = spacings if multi else spacings[0]
-    crop = tuple(crop) if crop is not None else tuple(config.img_size)
-    h = min(d.coarse.shape[-2] for d in sets)
-    w = min(d.coarse.shape[-1] for d in sets)
-    # the windows training sees: downscaling a smaller grid warns
-    window = (min(int(crop[0]), h), min(int(crop[1]), w))
     dsr.grid["window"] = list(window)
     crop = window
     if opts.augment not in ("auto", "scale", "none"):
@@ -333,6 +367,11 @@ def train(
                 samples=samples_per_epoch,
             )
         )
+    has_linear = dsr.config.linear_window is not None and not multi
+    if has_linear:
+        # closed form, on the training years: the network then trains on what it leaves
+        years = sets[0].select(grids[0]["train_idx"])
+        fit_linear_path(dsr.model, years)
     crops = parts[0] if not multi else CropMix(parts)
     vals = [d.select(g["val_idx"]) for d, g in zip(sets, grids, strict=True) if len(g["val_idx"])]
     val = (vals or None) if multi else (vals[0] if vals else None)
@@ -350,18 +389,55 @@ def train(
                 f"cannot resume from {str(resume_from)!r}: it was trained with another model "
                 f"architecture (differs in {diff})"
             )
-    if client is not None:
+
+    def run(crops_: Any, val_: Any, opts_: TrainOptions, stop: int | None) -> list:
+        if client is None:
+            return fit(dsr, crops_, val_, opts_, resume=state, stop_after=stop)
         from .distributed import fit_distributed
 
         history, weights = fit_distributed(
-            client, dsr, crops, val, opts, resume=state, stop_after=stop_after
+            client, dsr, crops_, val_, opts_, resume=state, stop_after=stop
         )
         dsr.model.load_state_dict(weights)
         dsr.model.eval()
+        return history
+
+    # the gate decides on held-out years of its own: not with a validation
+    # set of the caller's, and not across checkpoints (a run in two parts)
+    plain = val is not None or state is not None or stop_after is not None or checkpoint_dir
+    if has_linear and opts.gate and not plain:
+        dsr.history = fit_gated(dsr, parts[0], years, opts, run)
     else:
-        history = fit(dsr, crops, val, opts, resume=state, stop_after=stop_after)
-    dsr.history = history
+        dsr.history = run(crops, val, opts, stop_after)
     return dsr
+
+
+def _cell_average_error(
+    coarse: xr.DataArray, fine: xr.DataArray, cdims, fdims, k: int, time_dim: Hashable
+) -> float:
+    """RMS of ``coarse`` minus the block means of ``fine``, over the spread of ``coarse``.
+
+    Read on the first few time steps, in the coarse field's units (0 for a
+    coarse field made with `xorbit.coarsen`).
+    """
+    steps = {time_dim: slice(0, CELL_AVERAGE_STEPS)}
+    c = coarse.isel({d: s for d, s in steps.items() if d in coarse.dims})
+    f = fine.isel({d: s for d, s in steps.items() if d in fine.dims})
+    if c.attrs.get("units") and f.attrs.get("units") and c.attrs["units"] != f.attrs["units"]:
+        f = convert(f, c.attrs["units"], str(fine.name))
+    lead = [d for d in c.dims if d not in cdims]
+    cv = np.asarray(c.transpose(*lead, *cdims).values, np.float64)
+    fv = np.asarray(f.transpose(*[d for d in f.dims if d not in fdims], *fdims).values, np.float64)
+    if fv.shape[:-2] != cv.shape[:-2]:
+        return math.inf
+    diff = cv - block_mean(fv, k)
+    spread = float(np.nanstd(cv)) or 1.0
+    return float(np.sqrt(np.nanmean(diff**2))) / spread
+
+
+def _linear_half(window: tuple[int, int]) -> int | None:
+    """The linear path's predictors: every cell of a small window, else each cell's neighbours."""
+    return None if window[0] * window[1] <= WHOLE_DOMAIN_MAX else LOCAL_HALF
 
 
 def _pairs(coarse, fine, multi: bool, climatology: bool, static) -> list[tuple[Any, Any]]:

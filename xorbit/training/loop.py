@@ -111,6 +111,12 @@ class TrainOptions:
     # load the training data whole (True), read each sample from its store or
     # Dask graph (False), or decide by size (None: `samples.IN_MEMORY_BYTES`)
     in_memory: bool | None = None
+    # a linear path fitted in closed form before the network trains (one grid,
+    # a config without one of its own): the model contains the ridge map
+    linear_path: bool = True
+    # keep the network's correction only if it beats the linear path on held-out
+    # years (`xorbit.training.linear.fit_gated`)
+    gate: bool = True
 
     @classmethod
     def for_config(cls, config: ReslimConfig, **overrides: Any) -> TrainOptions:

@@ -1,0 +1,122 @@
+"""The linear path: a frozen ridge map inside Reslim, fitted in closed form, and its gate."""
+
+import numpy as np
+import pytest
+import torch
+
+import xorbit
+from tests.test_train import fine_field, small_config
+from xorbit import coarsen
+from xorbit.datasets import hadcm3_air_temperature
+from xorbit.grid import match_grid
+from xorbit.model.linear import LinearPath
+from xorbit.ridge import fit_ridge
+
+
+@pytest.mark.parametrize("half", [None, 1], ids=["whole window", "3 x 3 cells"])
+def test_the_torch_path_is_the_numpy_fit(half):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2, 5, 6))
+    y = rng.normal(size=(40, 1, 10, 12)) + x[:, :1].repeat(2, -2).repeat(2, -1)
+    fit = fit_ridge(x, y, 2, window=6 if half is None else half)
+    path = LinearPath((5, 6), n_in=2, n_out=1, factor=2, half=half)
+    path.load_fit(fit)
+    got = path(torch.from_numpy(x[:3]).float()).numpy()
+    np.testing.assert_allclose(got, fit.predict(x[:3]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"maps 5 x 6 windows .* given 5 x 8"):
+        path(torch.zeros(1, 2, 5, 8))
+    with pytest.raises(ValueError, match="does not suit this path"):
+        LinearPath((5, 6), n_in=1, n_out=1, factor=2, half=half).load_fit(fit)
+
+
+@pytest.fixture(scope="module")
+def hadcm3():
+    fine = hadcm3_air_temperature().isel(time=slice(0, 80)).load()
+    coarse = coarsen(fine, 4)
+    early = {"time": slice(0, 60)}
+    late = {"time": slice(60, None)}
+    return coarse.isel(early), fine.isel(early), coarse.isel(late), fine.isel(late)
+
+
+def test_the_default_model_contains_the_ridge_baseline(hadcm3):
+    """Without its correction (gate 0) the model is the ridge baseline: it can
+    fall behind ridge only by what the correction adds, which the gate checks."""
+    ct, ft, cs, fs = hadcm3
+    cfg = xorbit.ReslimConfig.preset(
+        "tiny", in_vars=["air_temperature"], out_vars=["air_temperature"]
+    )
+    dsr = xorbit.train(ct, ft, cfg, epochs=1, progress=False, device="cpu", gate=False)
+    assert dsr.config.linear_window == (9, 12) and dsr.config.linear_half is None
+    dsr.model.gate.fill_(0.0)
+    linear = cs.orbit.downscale(dsr)
+    ridge = xorbit.baseline(cs, "ridge", train=(ct, ft))
+    truth = match_grid(fs, linear)
+    diff = float(np.sqrt(((linear - ridge) ** 2).mean()))
+    err = float(np.sqrt(((ridge - truth) ** 2).mean()))
+    assert diff < 0.02 * err  # the same map, up to the two bicubic kernels at the edges
+    # it is stored with the model
+    assert "linear.coef" in dsr.model.state_dict()
+
+
+def test_a_saved_model_keeps_its_linear_path(hadcm3, tmp_path):
+    ct, ft, cs, _ = hadcm3
+    cfg = xorbit.ReslimConfig.preset(
+        "tiny", in_vars=["air_temperature"], out_vars=["air_temperature"]
+    )
+    dsr = xorbit.train(ct, ft, cfg, epochs=1, progress=False, device="cpu", gate=False)
+    back = xorbit.load(dsr.save(tmp_path / "m.xorbit"))
+    assert back.config.linear_window == (9, 12)
+    np.testing.assert_array_equal(cs.orbit.downscale(back).values, cs.orbit.downscale(dsr).values)
+    off = xorbit.train(ct, ft, cfg, epochs=1, progress=False, device="cpu", linear_path=False)
+    assert off.config.linear_window is None and "linear.coef" not in off.model.state_dict()
+
+
+def nonlinear_pair(nt=40, seed=0):
+    """A fine field whose detail is the square of the coarse anomaly: no linear
+    map finds it, a network can."""
+    fine = fine_field(nt=nt, seed=seed)
+    coarse = coarsen(fine, 4)
+    anomaly = (coarse - coarse.mean("time")) / float(coarse.std())
+    pattern = np.tile([[1.0, -1.0], [-1.0, 1.0]], (16, 16))
+    detail = anomaly.values.repeat(4, -2).repeat(4, -1) ** 2 * pattern * 3.0
+    return coarse, fine + detail
+
+
+def test_the_gate_keeps_a_correction_that_helps():
+    coarse, fine = nonlinear_pair()
+    kw = dict(epochs=8, batch_size=4, progress=False, device="cpu", seed=0)
+    helped = xorbit.train(coarse, fine, small_config(), **kw)
+    ratio = next(h["gate_rmse_ratio"] for h in helped.history if "gate_rmse_ratio" in h)
+    assert ratio < 1.0 and float(helped.model.gate) == 1.0
+    assert helped.history[-1]["gate"] == 1.0 and len(helped.history) == 8
+
+
+def test_the_gate_drops_a_correction_that_harms_held_out_years(monkeypatch):
+    """The rule itself: a correction that makes the held-out block worse is
+    switched off, and training stops at the decision."""
+    import xorbit.training as training
+
+    calls = []
+
+    def harmful_fit(dsr, crops, val, opts, resume=None, stop_after=None):
+        calls.append((len(crops.data), stop_after))
+        torch.nn.init.constant_(dsr.model.conv_out.bias, 0.5)  # adds 0.5 std everywhere
+        dsr.model.eval()
+        return [{"epoch": e + 1, "loss": 1.0} for e in range(stop_after or opts.epochs)]
+
+    monkeypatch.setattr(training, "fit", harmful_fit)
+    coarse, fine = nonlinear_pair()
+    dsr = xorbit.train(coarse, fine, small_config(), epochs=8, progress=False, device="cpu")
+    ratio = dsr.history[-1]["gate_rmse_ratio"]
+    assert ratio > 1.0 and float(dsr.model.gate) == 0.0 and dsr.history[-1]["gate"] == 0.0
+    assert calls == [(32, 6)]  # the earlier 32 of 40 years, stopped after 6 of 8 epochs
+    # the model is then its linear path, fitted again on every year
+    assert len(dsr.history) == 6
+
+
+def test_config_round_trip_keeps_the_linear_window():
+    cfg = small_config(linear_window=(8, 8), linear_half=2)
+    back = xorbit.ReslimConfig.from_dict(cfg.to_dict())
+    assert back.linear_window == (8, 8) and back.linear_half == 2
+    with pytest.raises(ValueError, match="linear_window must be"):
+        small_config(linear_window=(0, 8))

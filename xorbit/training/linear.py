@@ -1,0 +1,161 @@
+"""Fit a model's linear path (`xorbit.model.linear`) on its training windows, in closed form.
+
+Every training time step contributes the windows of a regular tiling of its
+grid (the last row and column of windows shifted inward, as crops are), at
+most `MAX_SAMPLES` in all; no augmentation.  The targets are the fine fields
+minus the model's own interpolation (`Reslim.skip`), so the linear path is
+exactly what the network would add to it first; the network then trains on
+top, starting from zero.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..model.reslim import Reslim
+from ..ridge import RidgeFit, fit_ridge
+from .loop import TrainOptions, lr_factor, validate
+from .samples import PairedArrays, PairedCrops
+
+if TYPE_CHECKING:
+    from ..downscaler import Downscaler
+
+__all__ = ["MAX_SAMPLES", "fit_gated", "fit_linear_path", "window_starts"]
+
+# At most this many windows go into the fit (time steps times positions), and
+# at most MAX_BYTES of them (the fine targets dominate).
+MAX_SAMPLES = 4096
+MAX_BYTES = 2**29
+# Doubles one design matrix batch may hold (`fit_ridge`'s batch of cells).
+BATCH_DOUBLES = 2e7
+
+
+def window_starts(n: int, size: int) -> list[int]:
+    """Starts of windows of ``size`` that tile ``n`` cells, the last one shifted inward."""
+    if size >= n:
+        return [0]
+    starts = list(range(0, n - size + 1, size))
+    if starts[-1] != n - size:
+        starts.append(n - size)
+    return starts
+
+
+def fit_linear_path(
+    model: Reslim, data: PairedArrays, *, max_samples: int = MAX_SAMPLES
+) -> RidgeFit:
+    """Fit ``model.linear`` on the windows of ``data`` (normalized training arrays); returns the fit.
+
+    Samples run in time order (windows of one time step together), so the
+    cross-validation's contiguous folds are blocks of years.
+    """
+    c = model.config
+    if c.linear_window is None:
+        raise ValueError("this model has no linear path (ReslimConfig.linear_window is None)")
+    wy, wx = c.linear_window
+    k = c.factor
+    h, w = data.coarse.shape[-2:]
+    positions = [(y, x) for y in window_starts(h, wy) for x in window_starts(w, wx)]
+    times = np.arange(len(data))
+    n_out = data.fine.shape[1]
+    per_sample = 4 * data.coarse.shape[1] * wy * wx + 3 * 8 * n_out * wy * wx * k * k
+    max_samples = max(4, min(max_samples, MAX_BYTES // per_sample))
+    if len(times) > max_samples:  # a long record: every n-th step, still in order
+        times = times[np.linspace(0, len(times) - 1, max_samples).round().astype(int)]
+    if len(times) * len(positions) > max_samples:
+        # fewer positions per time step, spread evenly, rather than fewer years
+        per_time = max(1, max_samples // len(times))
+        pick = np.linspace(0, len(positions) - 1, per_time).round().astype(int)
+        positions = [positions[i] for i in np.unique(pick)]
+    xs, ys = [], []
+    for t in times:
+        every = slice(None)  # one time step, read whole (a FieldStack reads [t, :, y, x])
+        coarse = np.asarray(data.coarse[int(t), :, every, every])
+        fine = np.asarray(data.fine[int(t), :, every, every])
+        for y0, x0 in positions:
+            xs.append(coarse[:, y0 : y0 + wy, x0 : x0 + wx])
+            ys.append(fine[:, y0 * k : (y0 + wy) * k, x0 * k : (x0 + wx) * k])
+    x = np.nan_to_num(np.stack(xs).astype(np.float32))  # as the crops give them
+    y = np.stack(ys).astype(np.float64)
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        skip = model.skip(model._pad(xt), c.in_vars)[..., : wy * k, : wx * k].double().numpy()
+    dyn = model.channel_indices(c.in_vars, model.dynamic_vars)
+    half = c.linear_half if c.linear_half is not None else max(wy, wx)  # None: every cell
+    p = len(dyn) * (wy * wx if c.linear_half is None else (2 * half + 1) ** 2)
+    batch = max(1, int(BATCH_DOUBLES // max(1, len(x) * p)))
+    fit = fit_ridge(x[:, dyn], y - skip, k, window=half, batch=batch)
+    model.linear.load_fit(fit)
+    return fit
+
+
+# The gate's validation: the last GATE_BLOCK of the training years, held out
+# for the first GATE_EPOCHS of the epochs; no gating with fewer than
+# GATE_MIN_STEPS years left to train on.
+GATE_BLOCK = 0.2
+GATE_EPOCHS = 0.75
+GATE_MIN_STEPS = 20
+
+# run(crops, val, options, stop_after) -> history: one process or DDP
+Run = Callable[[Any, Any, TrainOptions, "int | None"], list[dict[str, float]]]
+
+
+def fit_gated(
+    dsr: Downscaler, crops: PairedCrops, years: PairedArrays, opts: TrainOptions, run: Run
+) -> list[dict[str, float]]:
+    """Train the network on top of the linear path, and keep it only if it helps.
+
+    The decision is made on years the model has not seen, blocked (the last
+    `GATE_BLOCK` of the training years, the hardest: a warming climate's
+    extremes), and the last years still train the final model:
+
+    1. the linear path is fitted on the earlier years and the network trained
+       on them for the first `GATE_EPOCHS` of the schedule;
+    2. on the held-out block, the RMSE with the network's correction is
+       compared with the linear path's alone (``gate`` 1 and 0);
+    3. the linear path is fitted again on every year; if the correction
+       helped, the network trains on every year for the rest of the schedule,
+       else its weight (``model.gate``) is set to 0 and training stops.
+
+    The last record of step 1 holds ``gate_rmse_ratio`` (the mean over the
+    outputs of RMSE with over RMSE without the correction) and every record
+    after it ``gate``.  With fewer than `GATE_MIN_STEPS` earlier years the
+    network trains on every year and is kept (no decision).
+    """
+    model = dsr.model
+    n = len(years)
+    n_block = max(1, round(GATE_BLOCK * n))
+    if n - n_block < GATE_MIN_STEPS:
+        return run(crops, None, opts, None)
+    early = years.select(np.arange(n - n_block))
+    block = years.select(np.arange(n - n_block, n))
+    fit_linear_path(model, early)
+    first = copy.copy(crops)
+    first.data = early
+    e1 = max(1, round(GATE_EPOCHS * opts.epochs))
+    history = run(first, None, opts, e1 if e1 < opts.epochs else None)
+    on = validate(dsr, block, tile=opts.tile, halo=opts.halo, device=opts.device)
+    model.gate.fill_(0.0)
+    off = validate(dsr, block, tile=opts.tile, halo=opts.halo, device=opts.device)
+    ratio = float(np.mean([on[f"rmse_{v}"] / off[f"rmse_{v}"] for v in model.config.out_vars]))
+    keep = bool(ratio < 1.0)
+    history[-1]["gate_rmse_ratio"] = ratio
+    fit_linear_path(model, years)  # the final linear path: every year
+    model.gate.fill_(1.0 if keep else 0.0)
+    if keep and e1 < opts.epochs:
+        # the rest of the schedule, from where it stood, on every year
+        peak = opts.lr * lr_factor(
+            e1, int(opts.warmup_epochs), opts.epochs, opts.lr, opts.warmup_start_lr, opts.min_lr
+        )
+        rest = opts.replace(epochs=opts.epochs - e1, lr=peak, warmup_epochs=0)
+        more = run(crops, None, rest, None)
+        for record in more:
+            record["epoch"] += e1
+        history += more
+    for record in history[len(history) - (opts.epochs - e1 if keep else 0) - 1 :]:
+        record["gate"] = float(model.gate)
+    return history
