@@ -77,6 +77,8 @@ def test_info(files, capsys):
     rec = dsr.history[best - 1]
     assert f"best epoch {best} of 2 (the weights saved): rmse_air_temperature " in out
     assert f"{rec['rmse_air_temperature']:.4g}" in out.split("best epoch")[1]
+    # the linear path (the crop is 8 x 8: every cell a predictor)
+    assert "linear     ridge path over 8 x 8 windows (every cell each)" in out
     (files / "junk.xorbit").write_bytes(b"not a model")
     assert main(["info", str(files / "junk.xorbit")]) == 1
     assert "not a readable xorbit checkpoint" in one_line_error(capsys, "info")
@@ -394,10 +396,12 @@ def rain(tmp_path_factory):
     return d
 
 
-def test_train_command_line_overrides_the_config(rain):
+def test_train_command_line_overrides_the_config(rain, capsys):
     assert not (rain / "ignored.xorbit").exists()
     dsr = xorbit.load(rain / "m.xorbit")
     assert dsr.transforms == {"pr": "log1p"}
+    assert main(["info", str(rain / "m.xorbit")]) == 0
+    assert "totals     coarse-consistency constraints: pr multiplicative" in capsys.readouterr().out
     assert dsr.static_packing == {"orog": "fine"}  # lat_bnds / lon_bnds were left out
     assert len(dsr.history) == 1  # --epochs 1, not the file's 3
 

@@ -120,3 +120,17 @@ def test_config_round_trip_keeps_the_linear_window():
     assert back.linear_window == (8, 8) and back.linear_half == 2
     with pytest.raises(ValueError, match="linear_window must be"):
         small_config(linear_window=(0, 8))
+
+
+def test_crops_smaller_than_the_domain_downscale_with_default_tiles():
+    """The linear path maps windows of the training crop: the default tiles
+    (and the gate's validation, which uses them) are windows of that size,
+    not of the config's img_size (a crash before)."""
+    coarse, fine = nonlinear_pair(nt=30)
+    kw = dict(crop=(4, 4), epochs=2, batch_size=4, progress=False, device="cpu", seed=0)
+    dsr = xorbit.train(coarse, fine, small_config(), **kw)
+    assert dsr.config.linear_window == (4, 4) and "gate_rmse_ratio" in dsr.history[1]
+    out = coarse.orbit.downscale(dsr)
+    assert out.shape == fine.shape and bool(np.isfinite(out).all())
+    # windows of 4 x 4: a halo of 1 around cores of 2
+    np.testing.assert_array_equal(out.values, coarse.orbit.downscale(dsr, tile=2, halo=1).values)

@@ -279,6 +279,17 @@ def _info(args: argparse.Namespace) -> int:
             f"  anomalies  from stored climatologies of {sorted(dsr.output_climatology)}: "
             f"downscales inside {span} only"
         )
+    if c.linear_window is not None:
+        ny, nx = c.linear_window
+        cells = "every cell" if c.linear_half is None else f"{2 * c.linear_half + 1}² cells"
+        gate = float(dsr.model.gate)
+        print(
+            f"  linear     ridge path over {ny} x {nx} windows ({cells} each); the network's "
+            f"correction {'kept' if gate else 'off'} (gate {gate:g})"
+        )
+    if dsr.constraints:
+        kinds = ", ".join(f"{v} {k}" for v, k in sorted(dsr.constraints.items()))
+        print(f"  totals     coarse-consistency constraints: {kinds}")
     if dsr.static:
         kinds = ", ".join(f"{n} ({dsr.static_packing[n]} grid)" for n in sorted(dsr.static))
         print(f"  static     stored: {kinds}")

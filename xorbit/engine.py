@@ -65,6 +65,7 @@ __all__ = [
     "clear_cache",
     "default_device",
     "downscale_array",
+    "model_window",
     "predict_block",
     "run_model",
     "tile_defaults",
@@ -350,6 +351,14 @@ def predict_block(
 
 
 # --------------------------------------------------------------------------- arrays
+def model_window(config: Any) -> tuple[int, int]:
+    """The coarse window a model's default tiles are cut to: its linear path's
+    window where it has one (the training crop, which the path's coefficients
+    belong to), else ``config.img_size``."""
+    window = getattr(config, "linear_window", None)
+    return tuple(int(s) for s in (window if window is not None else config.img_size))  # type: ignore[return-value]
+
+
 def tile_defaults(
     img_size: Sequence[int],
     tile: int | Sequence[int] | None,
@@ -469,7 +478,7 @@ def downscale_array(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     members = _members(cfg, samples, seed)
-    tile, halo = tile_defaults(cfg.img_size, tile, halo, (ny, nx), bool(periodic))
+    tile, halo = tile_defaults(model_window(cfg), tile, halo, (ny, nx), bool(periodic))
     plan = TilePlan.build((ny, nx), tile, halo, cfg.factor, periodic=(False, bool(periodic)))
     handle = ModelHandle(downscaler.model, weights_sha256 or downscaler.weights_sha256)
     mean, std = downscaler._stats(cfg.in_vars, 3, 0)
