@@ -116,15 +116,18 @@ def test_the_constraints_are_saved_with_the_model(rain, tmp_path):
 
 
 # --------------------------------------------------------------------------- temperature
-def test_temperature_takes_an_additive_constraint_on_request():
+def test_temperature_is_constrained_additively_by_default():
     fine = fine_field(nt=12)
     coarse = xorbit.coarsen(fine, K)
     dsr = xorbit.train(coarse, fine, small_config(), epochs=1, progress=False, device="cpu")
-    assert dsr.constraints == {}  # not by default: see docs/training.md
-    out = coarse.orbit.downscale(dsr, constrain=True)
+    assert dsr.constraints == {"tas": "additive"}  # measured: docs/training.md
+    out = coarse.orbit.downscale(dsr)
     np.testing.assert_allclose(cell_means(out.values), coarse.values, rtol=0, atol=2e-4)
-    named = coarse.orbit.downscale(dsr, constrain={"tas": "additive"})
-    np.testing.assert_allclose(named.values, out.values, rtol=0, atol=1e-6)
+    for same in (True, {"tas": "additive"}):
+        got = coarse.orbit.downscale(dsr, constrain=same)
+        np.testing.assert_allclose(got.values, out.values, rtol=0, atol=1e-6)
+    free = coarse.orbit.downscale(dsr, constrain=False)
+    assert float(np.abs(cell_means(free.values) - coarse.values).max()) > 1e-2
     with pytest.raises(ValueError, match=r"constraints name \['pr'\], which are not outputs"):
         coarse.orbit.downscale(dsr, constrain={"pr": "additive"})
 

@@ -72,14 +72,15 @@ def test_a_saved_model_keeps_its_linear_path(hadcm3, tmp_path):
 
 
 def nonlinear_pair(nt=40, seed=0):
-    """A fine field whose detail is the square of the coarse anomaly: no linear
-    map finds it, a network can."""
+    """A fine field whose detail is in part linear in the coarse anomaly (the
+    linear path finds it, interpolation does not) and in part its square (no
+    linear map finds it, a network can)."""
     fine = fine_field(nt=nt, seed=seed)
     coarse = coarsen(fine, 4)
     anomaly = (coarse - coarse.mean("time")) / float(coarse.std())
     pattern = np.tile([[1.0, -1.0], [-1.0, 1.0]], (16, 16))
-    detail = anomaly.values.repeat(4, -2).repeat(4, -1) ** 2 * pattern * 3.0
-    return coarse, fine + detail
+    up = anomaly.values.repeat(4, -2).repeat(4, -1)
+    return coarse, fine + (up**2 * 3.0 + up * 6.0) * pattern
 
 
 def test_the_gate_keeps_a_correction_that_helps():
@@ -134,3 +135,28 @@ def test_crops_smaller_than_the_domain_downscale_with_default_tiles():
     assert out.shape == fine.shape and bool(np.isfinite(out).all())
     # windows of 4 x 4: a halo of 1 around cores of 2
     np.testing.assert_array_equal(out.values, coarse.orbit.downscale(dsr, tile=2, halo=1).values)
+
+
+def test_the_gate_clears_a_linear_path_that_harms_held_out_years(monkeypatch):
+    """A path worse than the interpolation skip alone on the held-out block
+    (as a map shared by window positions can be, where the truth depends on
+    position) is cleared, and the correction trained on top of it goes too."""
+    import xorbit.training.linear as linear
+
+    real = linear.fit_linear_path
+
+    def harmful_path(model, data, **kw):
+        real(model, data, **kw)
+        model.linear.r_mean.add_(3.0)  # 3 std everywhere
+
+    monkeypatch.setattr(linear, "fit_linear_path", harmful_path)
+    coarse, fine = nonlinear_pair()
+    dsr = xorbit.train(coarse, fine, small_config(), epochs=4, batch_size=4, progress=False)
+    record = next(h for h in dsr.history if "linear_rmse_ratio" in h)
+    assert record["linear_rmse_ratio"] > 1.5 and float(dsr.model.gate) == 0.0
+    assert float(dsr.model.linear.coef.abs().max()) == 0.0
+    assert float(dsr.model.linear.r_mean.abs().max()) == 0.0
+    # the model is now the skip alone: neither the path nor the network moves it
+    got = coarse.orbit.downscale(dsr).values
+    torch.nn.init.constant_(dsr.model.conv_out.bias, 0.5)
+    np.testing.assert_array_equal(coarse.orbit.downscale(dsr).values, got)

@@ -69,6 +69,11 @@ class LinearPath(nn.Module):
         ):
             getattr(self, name).copy_(torch.from_numpy(np.asarray(value, np.float32)))
 
+    def clear(self) -> None:
+        """No linear path: the map adds zero (as before `load_fit`)."""
+        self.coef.zero_()
+        self.r_mean.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ny, nx = self.window
         h, w = x.shape[-2:]

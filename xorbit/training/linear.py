@@ -11,6 +11,7 @@ top, starting from zero.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,13 @@ GATE_BLOCK = 0.2
 GATE_EPOCHS = 0.75
 GATE_MIN_STEPS = 20
 
+
+def _block_rmse(dsr: Downscaler, block: PairedArrays, opts: TrainOptions) -> np.ndarray:
+    """RMSE of every output on the gate's held-out block, as the model stands."""
+    got = validate(dsr, block, tile=opts.tile, halo=opts.halo, device=opts.device)
+    return np.array([got[f"rmse_{v}"] for v in dsr.model.config.out_vars])
+
+
 # run(crops, val, options, stop_after) -> history: one process or DDP
 Run = Callable[[Any, Any, TrainOptions, "int | None"], list[dict[str, float]]]
 
@@ -115,15 +123,20 @@ def fit_gated(
 
     1. the linear path is fitted on the earlier years and the network trained
        on them for the first `GATE_EPOCHS` of the schedule;
-    2. on the held-out block, the RMSE with the network's correction is
-       compared with the linear path's alone (``gate`` 1 and 0);
-    3. the linear path is fitted again on every year; if the correction
-       helped, the network trains on every year for the rest of the schedule,
-       else its weight (``model.gate``) is set to 0 and training stops.
+    2. on the held-out block, three models are scored: with the network's
+       correction, the linear path alone (``gate`` 0), and the interpolation
+       skip alone (no path either);
+    3. if the path helped (alone or under the correction), it is fitted again
+       on every year, else it is cleared (a path fitted on windows smaller
+       than the domain can be worse than none where the map depends on
+       position); if the correction helped too, the network trains on every
+       year for the rest of the schedule, else its weight (``model.gate``) is
+       set to 0 and training stops.
 
     The last record of step 1 holds ``gate_rmse_ratio`` (the mean over the
-    outputs of RMSE with over RMSE without the correction) and every record
-    after it ``gate``.  With fewer than `GATE_MIN_STEPS` earlier years the
+    outputs of RMSE with over RMSE without the correction) and
+    ``linear_rmse_ratio`` (the path alone over the skip alone), and every
+    record after it ``gate``.  With fewer than `GATE_MIN_STEPS` earlier years the
     network trains on every year and is kept (no decision).
     """
     model = dsr.model
@@ -138,13 +151,20 @@ def fit_gated(
     first.data = early
     e1 = max(1, round(GATE_EPOCHS * opts.epochs))
     history = run(first, None, opts, e1 if e1 < opts.epochs else None)
-    on = validate(dsr, block, tile=opts.tile, halo=opts.halo, device=opts.device)
+    score = functools.partial(_block_rmse, dsr, block, opts)
+    on = score()  # skip + path + correction
     model.gate.fill_(0.0)
-    off = validate(dsr, block, tile=opts.tile, halo=opts.halo, device=opts.device)
-    ratio = float(np.mean([on[f"rmse_{v}"] / off[f"rmse_{v}"] for v in model.config.out_vars]))
-    keep = bool(ratio < 1.0)
+    off = score()  # skip + path
+    model.linear.clear()
+    bare = score()  # the skip alone
+    ratio = float(np.mean(on / off))
+    path_ratio = float(np.mean(off / bare))
+    keep_path = bool(min(np.mean(on / bare), path_ratio) < 1.0)
+    keep = keep_path and ratio < 1.0
     history[-1]["gate_rmse_ratio"] = ratio
-    fit_linear_path(model, years)  # the final linear path: every year
+    history[-1]["linear_rmse_ratio"] = path_ratio
+    if keep_path:
+        fit_linear_path(model, years)  # the final linear path: every year
     model.gate.fill_(1.0 if keep else 0.0)
     if keep and e1 < opts.epochs:
         # the rest of the schedule, from where it stood, on every year
