@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 import xarray as xr
+from _table import print_seed_table
 
 import xorbit
 from xorbit.datasets import orographic_precipitation
@@ -152,16 +153,7 @@ def main() -> None:
         f"torch {torch.__version__}, xorbit {xorbit.__version__}"
     )
     keys = ("rmse", "anomaly_r2", "wet", "p99", "mean")
-    head = f"{'method':<26}" + "".join(f"{k:>18}" for k in keys) + f"{'train s':>9}"
-    print(head)
-    print("-" * len(head))
-    for label, runs in rows.items():
-        cells = []
-        for k in keys:
-            v = np.array([r[k] for r in runs])
-            cells.append(f"{v.mean():.4f} ± {v.std():.4f}" if len(v) > 1 else f"{v[0]:.4f}")
-        t = f"{np.mean(seconds[label]):.0f}" if label in seconds else "-"
-        print(f"{label:<26}" + "".join(f"{c:>18}" for c in cells) + f"{t:>9}")
+    print_seed_table(rows, keys, seconds, width=26, column=18, time_column=9)
     if seams:
         print(
             f"seam RMSE ratio (tiles {SEAM_TILE}, halo {SEAM_HALO}): "

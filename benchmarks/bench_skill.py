@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
+from _table import print_seed_table
 
 import xorbit
 from xorbit.baselines import TRAINED
@@ -182,16 +182,7 @@ def main() -> None:
         f"{torch.__version__}, xorbit {xorbit.__version__}"
     )
     width = max(14, *(len(str(m).split(" (seed")[0]) + 2 for m in scores.method.values))
-    header = f"{'method':<{width}}" + "".join(f"{k:>22}" for k in SCORES) + f"{'train s':>10}"
-    print(header)
-    print("-" * len(header))
-    for label, runs in rows.items():
-        cells = []
-        for k in SCORES:
-            v = np.array([r[k] for r in runs])
-            cells.append(f"{v.mean():.4f} ± {v.std():.4f}" if len(v) > 1 else f"{v[0]:.4f}")
-        t = f"{np.mean(seconds[label]):.0f}" if label in seconds else "-"
-        print(f"{label:<{width}}" + "".join(f"{c:>22}" for c in cells) + f"{t:>10}")
+    print_seed_table(rows, tuple(SCORES), seconds, width=width, column=22, time_column=10)
 
 
 if __name__ == "__main__":

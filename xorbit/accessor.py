@@ -265,9 +265,7 @@ def _constraints(dsr: Downscaler, constrain: bool | Mapping[str, str] | None) ->
     if constrain is False:
         return {}
     if constrain is True:
-        chosen = {
-            v: "multiplicative" if v in dsr.nonnegative else "additive" for v in dsr.config.out_vars
-        }
+        chosen = dsr.constraint_kinds()
     else:
         chosen = check_constraints(constrain, dsr.config.out_vars)
     averaged = dsr.grid.get("cell_average", {})
@@ -466,8 +464,9 @@ class _OrbitBase:
             output over each coarse cell equals the coarse input,
             multiplicatively (positive, mass-preserving: precipitation) or
             additively.  ``None`` (default): the model's
-            ``downscaler.constraints`` (multiplicative for its non-negative
-            outputs); ``False``: none; ``True``: every output, multiplicative
+            ``downscaler.constraints`` (as `xorbit.train` sets them:
+            multiplicative for non-negative outputs, additive for the
+            others, where the coarse data were cell averages); ``False``: none; ``True``: every output, multiplicative
             where non-negative, else additive; a dict ``{"tas": "additive"}``
             names them.  Per coarse cell, so chunk- and tile-invariant, and
             applied to every ensemble member.  Right only for coarse fields

@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="coarse consistency: --constrain for every output, --no-constrain for none "
-        "(default: the model's, multiplicative for precipitation)",
+        "(default: the model's; multiplicative for precipitation, additive otherwise)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_downscale)

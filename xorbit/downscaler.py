@@ -78,8 +78,9 @@ class Downscaler:
         Coarse-consistency constraint per output variable
         (`xorbit.model.constraints`): ``"multiplicative"`` or ``"additive"``;
         ``.orbit.downscale`` applies them by default (``constrain=``).
-        `xorbit.train` sets ``"multiplicative"`` for non-negative outputs
-        when the coarse training data are cell averages of the fine ones.
+        `xorbit.train` sets `constraint_kinds` (multiplicative for
+        non-negative outputs, additive for the others) for the outputs whose
+        coarse training data are cell averages of the fine ones.
     """
 
     model: Reslim
@@ -96,6 +97,14 @@ class Downscaler:
     static_packing: dict[str, str] = field(default_factory=dict)
     transforms: dict[str, str] = field(default_factory=dict)
     constraints: dict[str, str] = field(default_factory=dict)
+
+    def constraint_kinds(self) -> dict[str, str]:
+        """The coarse-consistency constraint that suits each output variable:
+        ``"multiplicative"`` for the non-negative ones, ``"additive"`` for the others."""
+        return {
+            v: "multiplicative" if v in self.nonnegative else "additive"
+            for v in self.config.out_vars
+        }
 
     def __post_init__(self) -> None:
         self.transforms = _transforms.check(

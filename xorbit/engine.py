@@ -351,12 +351,12 @@ def predict_block(
 
 
 # --------------------------------------------------------------------------- arrays
-def model_window(config: Any) -> tuple[int, int]:
+def model_window(config: ReslimConfig) -> tuple[int, int]:
     """The coarse window a model's default tiles are cut to: its linear path's
     window where it has one (the training crop, which the path's coefficients
     belong to), else ``config.img_size``."""
-    window = getattr(config, "linear_window", None)
-    return tuple(int(s) for s in (window if window is not None else config.img_size))  # type: ignore[return-value]
+    ny, nx = config.linear_window if config.linear_window is not None else config.img_size
+    return int(ny), int(nx)
 
 
 def tile_defaults(

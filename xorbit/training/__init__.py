@@ -321,10 +321,10 @@ def train(
         transforms=transforms,
     )
     dsr.grid["cell_average"] = {v: bool(e <= CELL_AVERAGE_TOLERANCE) for v, e in averaged.items()}
-    for v in config.out_vars:
+    for v, kind in dsr.constraint_kinds().items():
         # measured on HadCM3 (docs/training.md): additive helps temperature too
         if dsr.grid["cell_average"][v]:
-            dsr.constraints[v] = "multiplicative" if v in dsr.nonnegative else "additive"
+            dsr.constraints[v] = kind
         elif v in dsr.nonnegative:
             warnings.warn(
                 f"the coarse {v!r} is not the cell average of the fine one (they differ by "
