@@ -105,7 +105,7 @@ def test_the_gate_drops_a_correction_that_harms_held_out_years(monkeypatch):
         dsr.model.eval()
         return [{"epoch": e + 1, "loss": 1.0} for e in range(stop_after or opts.epochs)]
 
-    monkeypatch.setattr(training, "fit", harmful_fit)
+    monkeypatch.setattr(training.loop, "fit", harmful_fit)
     coarse, fine = nonlinear_pair()
     dsr = xorbit.train(coarse, fine, small_config(), epochs=8, progress=False, device="cpu")
     ratio = dsr.history[-1]["gate_rmse_ratio"]

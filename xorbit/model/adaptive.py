@@ -29,24 +29,22 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .reslim import Reslim
 
 __all__ = [
     "EDGE_QUANTILE",
     "Partition",
     "QuadTree",
-    "adaptive_decode",
-    "adaptive_encode",
     "edge_pixels",
     "leaf_boxes",
+    "leaf_positions",
+    "leaf_tokens",
     "n_leaves",
     "partition",
+    "paste_leaves",
+    "per_level",
     "quadtree",
 ]
 
@@ -290,65 +288,47 @@ class Partition:
 
 
 # --------------------------------------------------------------------------- model stages
-def adaptive_encode(
-    model: Reslim,
-    x: torch.Tensor,
-    variables: Sequence[str],
-    res_km: float | torch.Tensor | None,
-    part: Partition,
-) -> torch.Tensor:
-    """Padded coarse fields and their partition → normalized tokens ``[B, N, D]``.
+# The pieces of Reslim's adaptive encoder and head that do not need the model:
+# `Reslim.forward` calls them with its own embeddings (this module imports no model).
+def per_level(image: torch.Tensor, tree: QuadTree) -> list[torch.Tensor]:
+    """``image [B, C, H, W]`` average-pooled by each level's node side, root level first.
 
-    Each level's node tokens are the patch embedding of the input average-pooled
-    by the node side (so a node of side s embeds its ``(s p) x (s p)`` pixels
-    resized to ``p x p``); each leaf takes its node's token.  The node tokens
-    of every level cost about 4/3 of the uniform embedding, a convolution: the
-    variable aggregation and the blocks then run on the ``N`` leaves only.
+    A node of side s embeds its ``(s p) x (s p)`` pixels resized to ``p x p``:
+    the node tokens of every level cost about 4/3 of the uniform embedding.
     """
-    tree, leaves = part.tree, part.leaves
-    b, n = leaves.shape
-    d = model.config.embed_dim
-    gather = leaves.unsqueeze(-1).expand(b, n, d)
-    pooled = _per_level(x, tree)
-    idx = [model._var_index[v] for v in variables]
-    per_var = []
-    for i, j in enumerate(idx):
-        nodes = torch.cat([model.token_embeds[j](xs[:, i : i + 1]) for xs in pooled], dim=1)
-        per_var.append(nodes.gather(1, gather))  # [B, N, D]
-    tokens = model.aggregate_variables(torch.stack(per_var, dim=1), idx)
-
-    # position: the table averaged over each node, plus a learnt embedding of
-    # the node's side (zero at first: one-token leaves start as uniform tokens)
-    gh, gw = tree.grid
-    pe = model.position_embedding(tree.grid).reshape(1, gh, gw, d).permute(0, 3, 1, 2)
-    pe_nodes = torch.cat([p.flatten(2) for p in _per_level(pe, tree)], dim=2)[0].T  # [T, D]
-    pos = pe_nodes + model.leaf_embed[tree.scale_index]
-    tokens = tokens + pos[leaves].to(tokens.dtype)
-    return model.transform(tokens, res_km)
-
-
-def _per_level(image: torch.Tensor, tree: QuadTree) -> list[torch.Tensor]:
-    """``image [B, C, H, W]`` average-pooled by each level's node side, root level first."""
     return [
         image if tree.side(lev) == 1 else F.avg_pool2d(image, tree.side(lev))
         for lev in range(tree.n_levels)
     ]
 
 
-def adaptive_decode(model: Reslim, tokens: torch.Tensor, part: Partition) -> torch.Tensor:
-    """Tokens ``[B, N, D]`` → fine fields (padded size), before ``conv_out``.
-
-    Each token's ``(k p) x (k p)`` patch per output is resized bilinearly to
-    its leaf's ``(s k p) x (s k p)`` region and pasted there.  Leaves tile the
-    grid, so the canvas is the sum of one canvas per level.
-    """
-    c = model.config
-    tree, leaves = part.tree, part.leaves
+def leaf_tokens(nodes: torch.Tensor, leaves: torch.Tensor) -> torch.Tensor:
+    """Each leaf's token ``[B, N, D]`` from the node tokens of every level ``[B, T, D]``."""
     b, n = leaves.shape
-    n_out, kp = len(c.out_vars), c.factor * c.patch_size
+    return nodes.gather(1, leaves.unsqueeze(-1).expand(b, n, nodes.shape[-1]))
+
+
+def leaf_positions(pe: torch.Tensor, part: Partition, leaf_embed: torch.Tensor) -> torch.Tensor:
+    """Each leaf's position ``[B, N, D]``: the table ``pe [1, L, D]`` (the token grid's)
+    averaged over the leaf's node, plus the learnt embedding of the node's side."""
+    tree = part.tree
     gh, gw = tree.grid
-    # the uniform "local" layout: per token (kp, kp, n_out)
-    pix = model.head(tokens).reshape(b, n, kp, kp, n_out).permute(0, 1, 4, 2, 3)
+    d = pe.shape[-1]
+    image = pe.reshape(1, gh, gw, d).permute(0, 3, 1, 2)
+    nodes = torch.cat([p.flatten(2) for p in per_level(image, tree)], dim=2)[0].T  # [T, D]
+    return (nodes + leaf_embed[tree.scale_index])[part.leaves]
+
+
+def paste_leaves(pix: torch.Tensor, part: Partition) -> torch.Tensor:
+    """Each leaf's fine patch ``pix [B, N, n_out, kp, kp]`` → fine fields (padded size).
+
+    Each token's patch per output is resized bilinearly to its leaf's
+    ``(s k p) x (s k p)`` region and pasted there.  Leaves tile the grid, so the
+    canvas is the sum of one canvas per level.
+    """
+    tree, leaves = part.tree, part.leaves
+    b, _, n_out, kp, _ = pix.shape
+    gh, gw = tree.grid
     leaf_level = tree.level[leaves]
     out = None
     for lev in range(tree.n_levels):

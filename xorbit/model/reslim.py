@@ -393,6 +393,44 @@ class Reslim(nn.Module):
         tokens = tokens + self.position_embedding(grid).to(tokens.dtype)
         return self.transform(tokens, res_km)
 
+    def adaptive_encoder(
+        self,
+        x: torch.Tensor,
+        variables: Sequence[str],
+        res_km: float | torch.Tensor | None,
+        part: adaptive.Partition,
+    ) -> torch.Tensor:
+        """Padded coarse fields and their partition → normalized tokens ``[B, N, D]``.
+
+        Each level's node tokens are the patch embedding of the input average-pooled
+        by the node side; each leaf takes its node's token.  The variable
+        aggregation and the blocks then run on the ``N`` leaves only.
+        """
+        pooled = adaptive.per_level(x, part.tree)
+        idx = [self._var_index[v] for v in variables]
+        per_var = [
+            adaptive.leaf_tokens(
+                torch.cat([self.token_embeds[j](xs[:, i : i + 1]) for xs in pooled], dim=1),
+                part.leaves,
+            )
+            for i, j in enumerate(idx)
+        ]
+        tokens = self.aggregate_variables(torch.stack(per_var, dim=1), idx)
+        # position: the table averaged over each node, plus a learnt embedding of
+        # the node's side (zero at first: one-token leaves start as uniform tokens)
+        pe = self.position_embedding(part.tree.grid)
+        tokens = tokens + adaptive.leaf_positions(pe, part, self.leaf_embed).to(tokens.dtype)
+        return self.transform(tokens, res_km)
+
+    def adaptive_head(self, tokens: torch.Tensor, part: adaptive.Partition) -> torch.Tensor:
+        """Tokens ``[B, N, D]`` of the leaves → fine fields (padded size), before ``conv_out``."""
+        c = self.config
+        b, n = part.leaves.shape
+        n_out, kp = len(c.out_vars), c.factor * c.patch_size
+        # the uniform "local" layout: per token (kp, kp, n_out)
+        pix = self.head(tokens).reshape(b, n, kp, kp, n_out).permute(0, 1, 4, 2, 3)
+        return adaptive.paste_leaves(pix, part)
+
     def aggregate_variables(self, tokens: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
         """Per-variable tokens ``[B, V, L, D]`` of the variables ``idx`` → ``[B, L, D]``:
         ``var_embed``, then cross-attention from ``var_query`` over the variables."""
@@ -451,8 +489,8 @@ class Reslim(nn.Module):
         xp = self._pad(x)
         if self.config.tokens == "adaptive":
             part = self.partition(xp, variables)
-            tokens = adaptive.adaptive_encode(self, xp, variables, res_km, part)
-            out = self.conv_out(adaptive.adaptive_decode(self, tokens, part))
+            tokens = self.adaptive_encoder(xp, variables, res_km, part)
+            out = self.conv_out(self.adaptive_head(tokens, part))
         else:
             grid = self.token_grid(xp.shape[-2:])
             out = self.forward_head(self.forward_encoder(xp, variables, res_km), grid)

@@ -401,57 +401,120 @@ def fit(
     stop_after
         Stop after this epoch (counting from 1) as if killed: for tests.
     """
-    cfg = dsr.config
     device = torch.device(opts.device)
     model = dsr.model.to(device).train()
     net = wrap(model) if wrap is not None else model
-    if opts.batch_size % world_size:
-        raise ValueError(f"batch_size {opts.batch_size} is not divisible by the {world_size} ranks")
-    local_batch = opts.batch_size // world_size
-    steps_per_epoch = len(train) // opts.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {opts.batch_size} exceeds the {len(train)} training samples")
-    total = steps_per_epoch * opts.epochs
-    warmup = round(opts.warmup_epochs * steps_per_epoch)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, warmup, total, opts.lr, opts.warmup_start_lr, opts.min_lr),
-    )
-    unknown = sorted(set(opts.var_weights) - set(cfg.out_vars))
-    if unknown:
-        raise ValueError(f"var_weights names non-output variables {unknown}")
-    var_w = torch.tensor([opts.var_weights.get(v, 1.0) for v in cfg.out_vars], device=device)
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    best: dict[str, Any] = {"score": math.inf, "epoch": 0, "model": None}
+    run = _Run.start(dsr, model, len(train), opts, world_size)
     if resume is not None:
         model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        # a resumed run may change the peak learning rate: the schedule keeps its
-        # position and shape, scaled to the new peak
-        scheduler.base_lrs = [opts.lr for _ in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = opts.lr * lr_factor(
-                scheduler.last_epoch, warmup, total, opts.lr, opts.warmup_start_lr, opts.min_lr
-            )
-        _restore_rng(resume["rng"], rank, opts.seed)
-        start_epoch = int(resume["epoch"])
-        history = [dict(h) for h in resume["history"]]
-        if "best" in resume:
-            best = dict(resume["best"])
-            if rank != 0:
-                best["model"] = None  # only rank 0's weights are kept: spare the memory
+        run.restore(resume, rank, opts)
     else:
         torch.manual_seed(opts.seed + rank)
-    amp = device.type == "cuda"
+    vals = _validation_parts(val, opts, rank, world_size)
     ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
-    # one set, or one per grid (several resolutions)
+    for epoch in range(run.start_epoch, opts.epochs):
+        loss = _train_epoch(dsr, net, run, train, epoch, opts, rank, world_size, device)
+        record = {"epoch": epoch + 1, "loss": loss, "lr": float(run.scheduler.get_last_lr()[0])}
+        if any(len(v) for v in vals):
+            record.update(_validate_epoch(dsr, model, run, vals, epoch, opts, rank, world_size))
+        run.history.append(record)
+        if ckpt_dir is not None:
+            _checkpoint(dsr, model, run, ckpt_dir, epoch, rank, world_size, device)
+        if stop_after is not None and epoch + 1 >= stop_after:
+            model.eval()
+            return run.history
+    if run.best["model"] is not None:
+        # early stopping after the fact: the epoch that validated best
+        model.load_state_dict(run.best["model"])
+        if ckpt_dir is not None and rank == 0:
+            dsr.save(ckpt_dir / MODEL_FILE)
+    model.eval()
+    return run.history
+
+
+@dataclass
+class _Run:
+    """The state of one `fit`: optimizer, schedule, history, best epoch so far."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    local_batch: int
+    warmup: int
+    total: int
+    var_weights: torch.Tensor
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"score": math.inf, "epoch": 0, "model": None}
+    )
+
+    @classmethod
+    def start(
+        cls, dsr: Downscaler, model: torch.nn.Module, n: int, opts: TrainOptions, world_size: int
+    ) -> _Run:
+        """AdamW and warm-up + cosine for ``n`` training samples, the batches checked."""
+        if opts.batch_size % world_size:
+            raise ValueError(
+                f"batch_size {opts.batch_size} is not divisible by the {world_size} ranks"
+            )
+        steps = n // opts.batch_size
+        if steps < 1:
+            raise ValueError(f"batch_size {opts.batch_size} exceeds the {n} training samples")
+        total = steps * opts.epochs
+        warmup = round(opts.warmup_epochs * steps)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_factor(s, warmup, total, opts.lr, opts.warmup_start_lr, opts.min_lr),
+        )
+        out_vars = dsr.config.out_vars
+        unknown = sorted(set(opts.var_weights) - set(out_vars))
+        if unknown:
+            raise ValueError(f"var_weights names non-output variables {unknown}")
+        weights = torch.tensor([opts.var_weights.get(v, 1.0) for v in out_vars])
+        device = torch.device(opts.device)
+        return cls(
+            optimizer,
+            scheduler,
+            steps,
+            opts.batch_size // world_size,
+            warmup,
+            total,
+            weights.to(device),
+        )
+
+    def restore(self, resume: dict[str, Any], rank: int, opts: TrainOptions) -> None:
+        """Continue a saved state exactly (a new peak lr keeps the schedule's shape)."""
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.scheduler.load_state_dict(resume["scheduler"])
+        # a resumed run may change the peak learning rate: the schedule keeps its
+        # position and shape, scaled to the new peak
+        self.scheduler.base_lrs = [opts.lr for _ in self.optimizer.param_groups]
+        step = self.scheduler.last_epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = opts.lr * lr_factor(
+                step, self.warmup, self.total, opts.lr, opts.warmup_start_lr, opts.min_lr
+            )
+        _restore_rng(resume["rng"], rank, opts.seed)
+        self.start_epoch = int(resume["epoch"])
+        self.history = [dict(h) for h in resume["history"]]
+        if "best" in resume:
+            self.best = dict(resume["best"])
+            if rank != 0:
+                self.best["model"] = None  # only rank 0's weights are kept: spare the memory
+
+
+def _validation_parts(
+    val: PairedArrays | Sequence[PairedArrays] | None,
+    opts: TrainOptions,
+    rank: int,
+    world_size: int,
+) -> list[PairedArrays]:
+    """The validation sets this rank scores: a fixed subsample (``val_steps``), its share."""
     vals = [] if val is None else [val] if isinstance(val, PairedArrays) else list(val)
-    validating = any(len(v) for v in vals)
     if opts.val_steps is not None and int(opts.val_steps) < 1:
         raise ValueError(f"val_steps must be a positive number of time steps, got {opts.val_steps}")
     for i, part in enumerate(vals):
@@ -464,99 +527,126 @@ def fit(
             # for rank 0 to validate everything could time out its collective)
             part = part.select(slice(rank, None, world_size))
         vals[i] = part
-    for epoch in range(start_epoch, opts.epochs):
-        train.set_epoch(epoch)
-        order = torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(opts.seed + epoch)
-        ).tolist()
-        local = order[rank::world_size]
-        bar = None
-        if opts.progress and rank == 0:
-            from tqdm.auto import tqdm
+    return vals
 
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False)
-        running = 0.0
 
-        def load(s: int, local: list[int] = local) -> Any:
-            return train.batch(local[s * local_batch : (s + 1) * local_batch])
+def _train_epoch(
+    dsr: Downscaler,
+    net: torch.nn.Module,
+    run: _Run,
+    train: PairedCrops | CropMix,
+    epoch: int,
+    opts: TrainOptions,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> float:
+    """One pass over this rank's share of the epoch's permutation; the mean loss of all ranks."""
+    cfg = dsr.config
+    train.set_epoch(epoch)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed + epoch))
+    local = order.tolist()[rank::world_size]
+    bar = None
+    if opts.progress and rank == 0:
+        from tqdm.auto import tqdm
 
-        batches = _prefetched(load, steps_per_epoch, opts.prefetch)
-        try:
-            for step, (x, y, rows, res) in enumerate(batches):
-                x, y = x.to(device), y.to(device)
-                lw = rows.to(device) if opts.lat_weighted else None
-                # the grid's spacing, as downscaling will give it (`_chunk_sums`);
-                # the config's constant for a model that records none (NaN: unknown)
-                known = "res_km" in dsr.grid and not bool(torch.isnan(res).any())
-                res_km = res.to(device) if known else None
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    pred = net(x, cfg.in_vars, res_km=res_km)
-                loss = bayesian_tv_loss(
-                    pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=var_w
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if opts.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                running += float(loss.detach())
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{running / (step + 1):.4f}")
-        finally:
-            batches.close()  # stop reading ahead when a step raises
+        bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False)
+    running = 0.0
+    b = run.local_batch
+
+    def load(s: int) -> Any:
+        return train.batch(local[s * b : (s + 1) * b])
+
+    batches = _prefetched(load, run.steps_per_epoch, opts.prefetch)
+    model = dsr.model
+    try:
+        for step, (x, y, rows, res) in enumerate(batches):
+            x, y = x.to(device), y.to(device)
+            lw = rows.to(device) if opts.lat_weighted else None
+            # the grid's spacing, as downscaling will give it (`_chunk_sums`);
+            # the config's constant for a model that records none (NaN: unknown)
+            known = "res_km" in dsr.grid and not bool(torch.isnan(res).any())
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = net(x, cfg.in_vars, res_km=res.to(device) if known else None)
+            loss = bayesian_tv_loss(
+                pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=run.var_weights
+            )
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
+            run.optimizer.step()
+            run.scheduler.step()
+            running += float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / (step + 1):.4f}")
+    finally:
+        batches.close()  # stop reading ahead when a step raises
         if bar is not None:
             bar.close()
-        # the mean over every rank's batches (each rank sees as many), the loss
-        # one process with the global batch reports
-        if world_size > 1:
-            running = float(_sum_over_ranks(np.array([running]), world_size, device)[0])
-        record = {"epoch": epoch + 1, "loss": running / (steps_per_epoch * world_size)}
-        record["lr"] = float(scheduler.get_last_lr()[0])
-        if validating:
-            sums = validation_sums(dsr, vals, tile=opts.tile, halo=opts.halo, device=opts.device)
-            scores = rmse_scores(dsr, _sum_over_ranks(sums, world_size, device))
-            record.update(scores)  # validation_sums put the model back in training mode
-            # one number over all variables: RMSE relative to bicubic, averaged
-            score = float(
-                np.mean([scores[f"rmse_{v}"] / scores[f"rmse_bicubic_{v}"] for v in cfg.out_vars])
-            )
-            if opts.keep_best and score < best["score"]:
-                best = {
-                    "score": score,
-                    "epoch": epoch + 1,
-                    # rank 0 returns the weights; the others only track the epoch
-                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                    if rank == 0
-                    else None,
-                }
-            record["best_epoch"] = best["epoch"]
-        history.append(record)
-        if ckpt_dir is not None:
-            rngs = _all_ranks(_rng_state(device), world_size)
-        if ckpt_dir is not None and rank == 0:
-            dsr.save(ckpt_dir / MODEL_FILE)
-            _save_state(
-                ckpt_dir / STATE_FILE,
-                {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rngs,
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "config": cfg.to_dict(),
-                    "best": best,
-                },
-            )
-        if stop_after is not None and epoch + 1 >= stop_after:
-            model.eval()
-            return history
-    if best["model"] is not None:
-        # early stopping after the fact: the epoch that validated best
-        model.load_state_dict(best["model"])
-        if ckpt_dir is not None and rank == 0:
-            dsr.save(ckpt_dir / MODEL_FILE)
-    model.eval()
-    return history
+    # the mean over every rank's batches (each rank sees as many), the loss
+    # one process with the global batch reports
+    if world_size > 1:
+        running = float(_sum_over_ranks(np.array([running]), world_size, device)[0])
+    return running / (run.steps_per_epoch * world_size)
+
+
+def _validate_epoch(
+    dsr: Downscaler,
+    model: torch.nn.Module,
+    run: _Run,
+    vals: list[PairedArrays],
+    epoch: int,
+    opts: TrainOptions,
+    rank: int,
+    world_size: int,
+) -> dict[str, float]:
+    """Scores on the held-out sets (summed over ranks), and the best epoch kept."""
+    device = torch.device(opts.device)
+    sums = validation_sums(dsr, vals, tile=opts.tile, halo=opts.halo, device=opts.device)
+    scores = rmse_scores(dsr, _sum_over_ranks(sums, world_size, device))
+    # validation_sums put the model back in training mode
+    # one number over all variables: RMSE relative to bicubic, averaged
+    out_vars = dsr.config.out_vars
+    score = float(np.mean([scores[f"rmse_{v}"] / scores[f"rmse_bicubic_{v}"] for v in out_vars]))
+    if opts.keep_best and score < run.best["score"]:
+        run.best = {
+            "score": score,
+            "epoch": epoch + 1,
+            # rank 0 returns the weights; the others only track the epoch
+            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if rank == 0
+            else None,
+        }
+    return {**scores, "best_epoch": run.best["epoch"]}
+
+
+def _checkpoint(
+    dsr: Downscaler,
+    model: torch.nn.Module,
+    run: _Run,
+    ckpt_dir: Path,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> None:
+    """Rank 0 writes the Downscaler and the training state (every rank's RNG)."""
+    rngs = _all_ranks(_rng_state(device), world_size)  # a collective: every rank
+    if rank != 0:
+        return
+    dsr.save(ckpt_dir / MODEL_FILE)
+    _save_state(
+        ckpt_dir / STATE_FILE,
+        {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": rngs,
+            "epoch": epoch + 1,
+            "history": run.history,
+            "config": dsr.config.to_dict(),
+            "best": run.best,
+        },
+    )

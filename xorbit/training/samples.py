@@ -286,6 +286,43 @@ def pair_arrays(
     dynamic = [v for v in in_vars if v not in static_vars]
     cds = as_dataset(coarse, list(in_vars), candidates=dynamic)
     fds = as_dataset(fine, list(out_vars))
+    ydim, xdim, fy, fx = check_pair_grids(cds, fds, factor, time_dim)
+    c_arrays = list(
+        gather(
+            [cds, static], in_vars, ydim=ydim, xdim=xdim, role="input", where="the coarse data"
+        ).values()
+    )
+    f_arrays = list(
+        gather([fds], out_vars, ydim=fy, xdim=fx, role="output", where="the fine data").values()
+    )
+    ref = f_arrays[0]
+    times = ref[time_dim].values if time_dim in ref.dims else np.arange(1)
+    n_time = len(times)
+    c_names, f_names = list(in_vars), list(out_vars)
+    c_clim, f_clim = input_climatology or {}, output_climatology or {}
+
+    c_arrays = _arranged(c_arrays, c_names, time_dim, ydim, xdim)
+    f_arrays = _arranged(f_arrays, f_names, time_dim, fy, fx)
+    total = 4 * n_time * sum(int(np.prod(a.shape[-2:])) for a in [*c_arrays, *f_arrays])
+    dynamic_in_memory = all(in_memory(a) for a in [*c_arrays, *f_arrays] if time_dim in a.dims)
+    load = load if load is not None else (dynamic_in_memory or total <= IN_MEMORY_BYTES)
+
+    return PairedArrays(
+        coarse=_normalized(c_arrays, c_names, c_clim, mean, std, n_time, time_dim, load),
+        fine=_normalized(f_arrays, f_names, f_clim, mean, std, n_time, time_dim, load),
+        fine_lat=np.asarray(fds[fy].values, np.float64),
+        times=np.asarray(times),
+        periodic=bool(grid.is_global_longitude(cds[xdim], cds)),
+        res_km=grid.spacing_km(cds, ydim, xdim),
+    )
+
+
+def check_pair_grids(
+    cds: xr.Dataset, fds: xr.Dataset, factor: int, time_dim: Hashable = "time"
+) -> tuple[Hashable, Hashable, Hashable, Hashable]:
+    """The coarse and fine (y, x) dims, once the fine grid is checked to be the coarse
+    one split ``factor`` times (to a hundredth of a fine cell, longitudes modulo 360)
+    and the time axes to agree."""
     ydim, xdim = grid.spatial_dims(cds)
     fy, fx = grid.spatial_dims(fds)
     expected = (cds.sizes[ydim] * factor, cds.sizes[xdim] * factor)
@@ -313,71 +350,49 @@ def pair_arrays(
             cds[time_dim].values, fds[time_dim].values
         ):
             raise ValueError(f"coarse and fine {time_dim!r} axes differ; align them first")
-    c_arrays = list(
-        gather(
-            [cds, static], in_vars, ydim=ydim, xdim=xdim, role="input", where="the coarse data"
-        ).values()
-    )
-    f_arrays = list(
-        gather([fds], out_vars, ydim=fy, xdim=fx, role="output", where="the fine data").values()
-    )
-    ref = f_arrays[0]
-    times = ref[time_dim].values if time_dim in ref.dims else np.arange(1)
-    n_time = len(times)
-    c_names, f_names = list(in_vars), list(out_vars)
-    c_clim, f_clim = input_climatology or {}, output_climatology or {}
+    return ydim, xdim, fy, fx
 
-    def arranged(arrays, names, y, x):
-        out = []
-        for a, n in zip(arrays, names, strict=True):
-            extra = [d for d in a.dims if d not in (time_dim, y, x)]
-            if extra:
-                raise ValueError(
-                    f"variable {n!r} has dims {extra} besides time and space; select them first"
-                )
-            out.append(a.transpose(*[d for d in (time_dim, y, x) if d in a.dims]))
-        return out
 
-    c_arrays = arranged(c_arrays, c_names, ydim, xdim)
-    f_arrays = arranged(f_arrays, f_names, fy, fx)
-    total = 4 * n_time * sum(int(np.prod(a.shape[-2:])) for a in [*c_arrays, *f_arrays])
-    dynamic_in_memory = all(in_memory(a) for a in [*c_arrays, *f_arrays] if time_dim in a.dims)
-    load = load if load is not None else (dynamic_in_memory or total <= IN_MEMORY_BYTES)
-
-    def aligned(clim: xr.DataArray, a: xr.DataArray) -> np.ndarray:
-        # what `a - clim` does in memory: by dimension name and coordinate label
-        y, x = a.dims[-2:]
-        return np.asarray(clim.transpose(y, x).reindex({y: a[y], x: a[x]}).values)
-
-    def stack(arrays, names, clim):
-        if not load:
-            return FieldStack(
-                [_source(a) for a in arrays],
-                [
-                    aligned(clim[n], a) if n in clim else None
-                    for a, n in zip(arrays, names, strict=True)
-                ],
-                [mean[n] for n in names],
-                [std[n] for n in names],
-                np.arange(n_time),
+def _arranged(arrays, names, time_dim: Hashable, y: Hashable, x: Hashable) -> list[xr.DataArray]:
+    """Each array as ``(time, y, x)`` (time where it has one); other dims are an error."""
+    out = []
+    for a, n in zip(arrays, names, strict=True):
+        extra = [d for d in a.dims if d not in (time_dim, y, x)]
+        if extra:
+            raise ValueError(
+                f"variable {n!r} has dims {extra} besides time and space; select them first"
             )
-        out = []
-        for a, n in zip(arrays, names, strict=True):
-            if n in clim:
-                a = a - clim[n]
-            if time_dim not in a.dims:
-                a = a.expand_dims({time_dim: n_time})
-            out.append((np.asarray(a.values, np.float32) - mean[n]) / std[n])
-        return np.stack(out, axis=1).astype(np.float32)
+        out.append(a.transpose(*[d for d in (time_dim, y, x) if d in a.dims]))
+    return out
 
-    return PairedArrays(
-        coarse=stack(c_arrays, c_names, c_clim),
-        fine=stack(f_arrays, f_names, f_clim),
-        fine_lat=np.asarray(fds[fy].values, np.float64),
-        times=np.asarray(times),
-        periodic=bool(grid.is_global_longitude(cds[xdim], cds)),
-        res_km=grid.spacing_km(cds, ydim, xdim),
-    )
+
+def _aligned(clim: xr.DataArray, a: xr.DataArray) -> np.ndarray:
+    """``clim`` as numpy on ``a``'s grid: what ``a - clim`` does in memory (by name and label)."""
+    y, x = a.dims[-2:]
+    return np.asarray(clim.transpose(y, x).reindex({y: a[y], x: a[x]}).values)
+
+
+def _normalized(arrays, names, clim, mean, std, n_time: int, time_dim: Hashable, load: bool):
+    """Normalized anomalies ``[T, C, h, w]``: numpy now (``load``), else a `FieldStack`."""
+    if not load:
+        return FieldStack(
+            [_source(a) for a in arrays],
+            [
+                _aligned(clim[n], a) if n in clim else None
+                for a, n in zip(arrays, names, strict=True)
+            ],
+            [mean[n] for n in names],
+            [std[n] for n in names],
+            np.arange(n_time),
+        )
+    out = []
+    for a, n in zip(arrays, names, strict=True):
+        if n in clim:
+            a = a - clim[n]
+        if time_dim not in a.dims:
+            a = a.expand_dims({time_dim: n_time})
+        out.append((np.asarray(a.values, np.float32) - mean[n]) / std[n])
+    return np.stack(out, axis=1).astype(np.float32)
 
 
 def _source(a: xr.DataArray) -> Any:
