@@ -143,6 +143,7 @@ def fit_gated(
     n = len(years)
     n_block = max(1, round(GATE_BLOCK * n))
     if n - n_block < GATE_MIN_STEPS:
+        fit_linear_path(model, years)
         return run(crops, None, opts, None)
     early = years.select(np.arange(n - n_block))
     block = years.select(np.arange(n - n_block, n))

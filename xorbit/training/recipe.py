@@ -466,13 +466,19 @@ def plan_crops(
                 config.factor,
                 per_time,
                 seed,
-                scale=tuple(opts.augment_scale) if scaling else None,
+                scale=_pair(opts.augment_scale) if scaling else None,
                 scaled=[config.in_vars.index(v) for v in clim_in],
-                mix=tuple(opts.augment_mix) if scaling and opts.augment_mix else None,
+                mix=_pair(opts.augment_mix) if scaling and opts.augment_mix else None,
                 samples=samples_per_epoch,
             )
         )
     return parts
+
+
+def _pair(values: Sequence[float]) -> tuple[float, float]:
+    """``(lo, hi)`` of an option that a YAML file may give as a list."""
+    lo, hi = values
+    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------- step 6: resume
@@ -511,11 +517,6 @@ def run_training(
     worker of ``client``), gated where it can be; returns the history."""
     multi = prepared.multi
     has_linear = dsr.config.linear_window is not None and not multi
-    years = sets[0].select(prepared.pairs[0].train_idx)
-    if has_linear:
-        # closed form, on the training years: the network then trains on what it leaves
-        linear.fit_linear_path(dsr.model, years)
-    crops = parts[0] if not multi else CropMix(list(parts))
     vals = [
         d.select(p.val_idx) for d, p in zip(sets, prepared.pairs, strict=True) if len(p.val_idx)
     ]
@@ -525,7 +526,12 @@ def run_training(
     # set of the caller's, and not across checkpoints (a run in two parts)
     plain = val is not None or state is not None or stop_after is not None or opts.checkpoint_dir
     if has_linear and opts.gate and not plain:
-        return linear.fit_gated(dsr, parts[0], years, opts, run)
+        # fits the path itself, on its own split of the training years
+        return linear.fit_gated(dsr, parts[0], parts[0].data, opts, run)
+    if has_linear:
+        # closed form, on the training years: the network then trains on what it leaves
+        linear.fit_linear_path(dsr.model, parts[0].data)
+    crops = parts[0] if not multi else CropMix(list(parts))
     return run(crops, val, opts, stop_after)
 
 

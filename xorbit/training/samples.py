@@ -319,7 +319,7 @@ def pair_arrays(
 
 def check_pair_grids(
     cds: xr.Dataset, fds: xr.Dataset, factor: int, time_dim: Hashable = "time"
-) -> tuple[Hashable, Hashable, Hashable, Hashable]:
+) -> tuple[str, str, str, str]:
     """The coarse and fine (y, x) dims, once the fine grid is checked to be the coarse
     one split ``factor`` times (to a hundredth of a fine cell, longitudes modulo 360)
     and the time axes to agree."""
