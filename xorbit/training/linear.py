@@ -95,11 +95,14 @@ def fit_linear_path(
 
 
 # The gate's validation: the last GATE_BLOCK of the training years, held out
-# for the first GATE_EPOCHS of the epochs; no gating with fewer than
-# GATE_MIN_STEPS years left to train on.
+# for the first GATE_EPOCHS of the epochs.  With fewer than GATE_MIN_STEPS
+# years left to train on there is no decision and no path: a ridge map from
+# so few years extrapolates worse than none (10 years of the HadCM3 east half
+# scored 0.66 K with the path, 0.20 K without; docs/benchmarks.md section 14),
+# and from 10 years on the gate itself finds that (it cleared the path there).
 GATE_BLOCK = 0.2
 GATE_EPOCHS = 0.75
-GATE_MIN_STEPS = 20
+GATE_MIN_STEPS = 6
 
 
 def _block_rmse(dsr: Downscaler, block: PairedArrays, opts: TrainOptions) -> np.ndarray:
@@ -136,14 +139,15 @@ def fit_gated(
     The last record of step 1 holds ``gate_rmse_ratio`` (the mean over the
     outputs of RMSE with over RMSE without the correction) and
     ``linear_rmse_ratio`` (the path alone over the skip alone), and every
-    record after it ``gate``.  With fewer than `GATE_MIN_STEPS` earlier years the
-    network trains on every year and is kept (no decision).
+    record after it ``gate``.  With fewer than `GATE_MIN_STEPS` earlier years
+    there is no decision: the path stays clear (zero) and the network trains
+    on every year and is kept.
     """
     model = dsr.model
     n = len(years)
     n_block = max(1, round(GATE_BLOCK * n))
     if n - n_block < GATE_MIN_STEPS:
-        fit_linear_path(model, years)
+        model.linear.clear()
         return run(crops, None, opts, None)
     early = years.select(np.arange(n - n_block))
     block = years.select(np.arange(n - n_block, n))
