@@ -9,6 +9,7 @@ import xarray as xr
 import yaml
 
 import xorbit
+import xorbit.io
 from xorbit import baseline, coarsen
 from xorbit.cli import build_parser, main
 from xorbit.datasets import hadcm3_air_temperature
@@ -63,6 +64,23 @@ def test_train_with_a_wrong_variable(files, tmp_path, capsys):
     assert "['pr'] not in" in one_line_error(capsys, "train")
     assert main(["train", str(tmp_path / "missing.yaml")]) == 1
     assert "no such config file" in one_line_error(capsys, "train")
+
+
+def test_train_fine_tunes_with_init_and_freeze(files, tmp_path, capsys):
+    spec = yaml.safe_load((files / "train.yaml").read_text())
+    spec["fine"] = str(files / "fine.nc")
+    spec["model"] = {}  # with init the architecture is the pretrained model's
+    spec["train"]["val_fraction"] = 0.0
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(spec))
+    pre = files / "model.xorbit"
+    args = ["train", str(tmp_path / "ft.yaml"), "--init", str(pre), "--freeze", "blocks.*,norm.*"]
+    assert main([*args, "--output", str(tmp_path / "ft.xorbit"), "--quiet"]) == 0
+    tuned = xorbit.load(tmp_path / "ft.xorbit")
+    assert tuned.config.embed_dim == 16 and tuned.config.depth == 1
+    assert tuned.provenance["init"] == str(pre)
+    assert tuned.provenance["freeze"] == ["blocks.*", "norm.*"]
+    assert "norm.weight" in tuned.provenance["frozen"]
+    capsys.readouterr()
 
 
 def test_info(files, capsys):
@@ -370,7 +388,8 @@ def rain(tmp_path_factory):
                     "decoder_depth": 1,
                     "drop_rate": 0.2,
                 },
-                "train": {"epochs": 3, "batch_size": 4},
+                # no gate: the network (and so the static input) stays in the model
+                "train": {"epochs": 3, "batch_size": 4, "gate": False},
                 "output": "ignored.xorbit",
             }
         )

@@ -102,6 +102,13 @@ def _select(ds, names):
     return select(ds, names, where="the file")
 
 
+def _freeze(text: str | None) -> str | list[str] | None:
+    """``--freeze``: a group name, or comma-separated parameter-name patterns."""
+    if text is None or text in ("encoder", "blocks"):
+        return text
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
 def _train(args: argparse.Namespace) -> int:
     from .training.from_file import train_from_file
 
@@ -112,6 +119,8 @@ def _train(args: argparse.Namespace) -> int:
             ("seed", args.seed),
             ("transforms", _mapping(args.transform)),
             ("device", args.device),
+            ("init", args.init),
+            ("freeze", _freeze(args.freeze)),
         )
         if v is not None
     }
@@ -293,6 +302,21 @@ def _info(args: argparse.Namespace) -> int:
     if dsr.static:
         kinds = ", ".join(f"{n} ({dsr.static_packing[n]} grid)" for n in sorted(dsr.static))
         print(f"  static     stored: {kinds}")
+    prov = dsr.provenance
+    if prov:
+        frozen = prov.get("frozen", [])
+        print(
+            f"  pretrained fine-tuned from {prov.get('init')} (weights sha256 "
+            f"{prov.get('init_weights_sha256')}, inputs {', '.join(prov.get('init_in_vars', []))}"
+            f"): {len(prov.get('pretrained', []))} tensors copied whole, "
+            f"{len(prov.get('partial', []))} in part, {len(prov.get('new', []))} new; "
+            + (
+                f"frozen {prov.get('freeze')!r} ({len(frozen)} tensors)"
+                if frozen
+                else "none frozen"
+            )
+            + f", pretrained lr x{prov.get('pretrained_lr_scale', 1.0):g}"
+        )
     if dsr.history:
         last = dsr.history[-1]
         print("  trained    " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
@@ -337,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda if visible)")
     p.add_argument("--output", help="the model file to write (default: the config's output)")
+    p.add_argument("--init", help="fine-tune this pretrained .xorbit model (default: the config's)")
+    p.add_argument(
+        "--freeze",
+        help="with --init: 'encoder', 'blocks' or comma-separated parameter-name patterns",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 

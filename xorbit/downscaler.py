@@ -81,6 +81,11 @@ class Downscaler:
         `xorbit.train` sets `constraint_kinds` (multiplicative for
         non-negative outputs, additive for the others) for the outputs whose
         coarse training data are cell averages of the fine ones.
+    provenance
+        Where the weights came from when training started from a pretrained
+        model (`xorbit.training.finetune.provenance`): the file or object and
+        its weights' hash, which parameters were copied whole, in part or
+        new, which were frozen.  Empty for a model trained from scratch.
     """
 
     model: Reslim
@@ -97,6 +102,7 @@ class Downscaler:
     static_packing: dict[str, str] = field(default_factory=dict)
     transforms: dict[str, str] = field(default_factory=dict)
     constraints: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def constraint_kinds(self) -> dict[str, str]:
         """The coarse-consistency constraint that suits each output variable:
@@ -218,6 +224,7 @@ class Downscaler:
             "static_packing": dict(self.static_packing),
             "transforms": dict(self.transforms),
             "constraints": dict(self.constraints),
+            "provenance": dict(self.provenance),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -246,6 +253,7 @@ class Downscaler:
             static_packing=dict(extra.get("static_packing", {})),
             transforms=dict(extra.get("transforms", {})),
             constraints=dict(extra.get("constraints", {})),
+            provenance=dict(extra.get("provenance", {})),
         )
 
 

@@ -12,7 +12,9 @@ from .. import transforms as _transforms
 from ..downscaler import Downscaler
 from ..engine import default_device
 from ..model.config import ReslimConfig
+from ..model.reslim import Reslim
 from ..variables import var_names
+from . import finetune
 from .loop import TrainOptions, fit, load_state, validate
 from .recipe import (
     MIN_AUGMENTED_DRAWS,
@@ -53,6 +55,8 @@ def train(
     static: xr.Dataset | None = None,
     samples_per_epoch: int | None = None,
     transforms: dict[str, str] | None = None,
+    init: Downscaler | Reslim | str | os.PathLike | None = None,
+    freeze: str | Sequence[str] | None = None,
     **options: Any,
 ) -> Downscaler:
     """Train a Reslim downscaler on paired coarse and fine fields.
@@ -133,6 +137,26 @@ def train(
         (``expm1``), so results are in the input's units and never negative;
         transformed outputs are non-negative.  Validation RMSEs of such a
         variable are in model (log) space.
+    init
+        Start from pretrained weights (fine-tuning, `xorbit.training.finetune`):
+        a `Downscaler`, the path of a saved ``.xorbit`` file, or a `Reslim`
+        from `xorbit.model.checkpoint.import_orbit2`.  Its architecture is
+        kept; ``config`` names the variables and the training window
+        (``img_size``); by default the pretrained inputs the data have (or
+        that the coordinates make), then the data's other variables, on the
+        pretrained window.  ``transforms`` defaults to the pretrained model's,
+        and the model has a linear path if the pretrained one has
+        (``linear_path=`` decides otherwise).  Weights move by
+        variable name: known inputs keep their embeddings, new inputs and
+        outputs start fresh, missing ones are dropped; the position table is
+        resized to a new window.  Normalization, climatologies and the linear
+        path come from the new data.  ``downscaler.provenance`` records it.
+    freeze
+        With ``init``: pretrained parameters to keep fixed, ``"encoder"``
+        (everything before the head), ``"blocks"`` (the transformer blocks)
+        or a list of name patterns (``["blocks.0.*"]``).  Only parameters
+        copied whole are frozen.  The others pretrained train at
+        ``pretrained_lr_scale`` (a `TrainOptions` field) times ``lr``.
     **options
         Other `TrainOptions` fields (``tv_lambda``, ``weight_decay``, ...);
         ``options=TrainOptions(...)`` passes them all at once.
@@ -145,7 +169,8 @@ def train(
     """
     multi = isinstance(coarse, (list, tuple))
     pairs = _pairs(coarse, fine, multi, climatology, static)
-    config = config or _default_config(pairs)
+    source = finetune.pretrained(init) if init is not None else None
+    config, transforms = _model_config(pairs, config, source, transforms, options)
     opts = _options(config, options, epochs, seed, device, checkpoint_dir, progress, lr, batch_size)
     transforms = _check_transforms(transforms, config)
     prepared = prepare_pairs(
@@ -161,7 +186,15 @@ def train(
     sets = paired_arrays(prepared, stats, time_dim=time_dim, load=opts.in_memory)
     window = training_window(sets, crop, prepared.config)
     dsr = build_downscaler(
-        prepared, stats, window, seed=seed, nonnegative=nonnegative, linear_path=opts.linear_path
+        prepared,
+        stats,
+        window,
+        seed=seed,
+        nonnegative=nonnegative,
+        linear_path=opts.linear_path,
+        init=source,
+        freeze=freeze,
+        pretrained_lr_scale=opts.pretrained_lr_scale,
     )
     parts = plan_crops(
         sets,
@@ -173,16 +206,42 @@ def train(
         samples_per_epoch=samples_per_epoch,
         seed=seed,
     )
-    state = resume_state(resume, checkpoint_dir, dsr.config)
+    state = resume_state(resume, checkpoint_dir, dsr.config, dsr.provenance)
     dsr.history = run_training(
         dsr, parts, sets, prepared, opts, client=client, state=state, stop_after=stop_after
     )
     return dsr
 
 
-def _default_config(pairs: Sequence[tuple[Any, Any]]) -> ReslimConfig:
-    """``tiny`` over the fine data's variables, in and out."""
+def _model_config(
+    pairs: Sequence[tuple[Any, Any]],
+    config: ReslimConfig | None,
+    source: finetune.Pretrained | None,
+    transforms: dict[str, str] | None,
+    options: dict[str, Any],
+) -> tuple[ReslimConfig, dict[str, str] | None]:
+    """The config (the default one, or the pretrained architecture over the
+    variables) and the transforms; a fine-tuned model has a linear path where
+    its pretrained one has (unless ``linear_path=`` says otherwise)."""
+    explicit, config = config is not None, config or _default_config(pairs, source)
+    if source is None:
+        return config, transforms
+    if "options" not in options:
+        options.setdefault("linear_path", source.config.linear_window is not None)
+    config = finetune.finetune_config(source.config, config, explicit)
+    if transforms is None:
+        transforms = finetune.default_transforms(source, config)
+    return config, transforms
+
+
+def _default_config(
+    pairs: Sequence[tuple[Any, Any]], source: finetune.Pretrained | None = None
+) -> ReslimConfig:
+    """``tiny`` over the fine data's variables, in and out; with a pretrained
+    model, its architecture over its inputs the data have (`finetune.default_config`)."""
     names = var_names(pairs[0][1])
+    if source is not None:
+        return finetune.default_config(source.config, names)
     return ReslimConfig.preset("tiny", in_vars=names, out_vars=names)
 
 

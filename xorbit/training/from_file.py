@@ -8,10 +8,13 @@ data are cell-averaged), the variables, the model and the training options::
     model: {preset: tiny, factor: 4, img_size: [9, 12]}
     train: {epochs: 40, lr: 3.0e-3, transforms: {pr: log1p}}
     static: orography.nc       # optional: static fields on the coarse or fine grid
+    init: pretrained.xorbit    # optional: fine-tune this model (`xorbit.train(init=)`)
     output: model.xorbit
 
 The command line (``xorbit train CONFIG --epochs 40 --transform pr=log1p
---static FILE --output M``) overrides the file's entries.
+--static FILE --init M0 --freeze blocks --output M``) overrides the file's entries.
+With ``init`` the model section's ``preset`` is not used: the architecture
+is the pretrained model's, over the file's variables.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import yaml
 
 from ..downscaler import Downscaler
 from ..io import open_dataset, open_static
+from ..model.checkpoint import read_metadata
 from ..model.config import ReslimConfig
 from ..variables import select
 from . import train
@@ -82,12 +86,22 @@ def train_from_file(
             }
         )
     in_vars = model.pop("in_vars", list(out_vars) + list(model.get("static_vars", [])))
-    cfg = ReslimConfig.preset(preset, factor=factor, in_vars=in_vars, out_vars=out_vars, **model)
     options = dict(spec.get("train", {}))
     for key, value in (overrides or {}).items():
         if key == "transforms":
             value = {**dict(options.get("transforms") or {}), **value}
         options[key] = value
+    init = options.pop("init", None) or spec.get("init")
+    if init is not None:
+        # fine-tuning: the pretrained architecture over the file's variables
+        init = Path(init) if "init" in (overrides or {}) else base / init
+        options["init"] = init
+        pre = ReslimConfig.from_dict(read_metadata(init)["config"])
+        cfg = pre.replace(in_vars=in_vars, out_vars=out_vars, **model)
+    else:
+        cfg = ReslimConfig.preset(
+            preset, factor=factor, in_vars=in_vars, out_vars=out_vars, **model
+        )
     static_path = static if static is not None else spec.get("static")
     if static_path is not None:
         options["static"] = open_static(static_path if static is not None else base / static_path)

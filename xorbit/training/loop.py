@@ -117,6 +117,9 @@ class TrainOptions:
     # keep the network's correction only if it beats the linear path on held-out
     # years (`xorbit.training.linear.fit_gated`)
     gate: bool = True
+    # fine-tuning (`xorbit.train(init=)`): the learning rate of parameters copied
+    # whole from the pretrained model, as a fraction of ``lr``
+    pretrained_lr_scale: float = 1.0
 
     @classmethod
     def for_config(cls, config: ReslimConfig, **overrides: Any) -> TrainOptions:
@@ -403,6 +406,7 @@ def fit(
     """
     device = torch.device(opts.device)
     model = dsr.model.to(device).train()
+    _freeze(dsr, model)  # before DDP, which registers the parameters that train
     net = wrap(model) if wrap is not None else model
     run = _Run.start(dsr, model, len(train), opts, world_size)
     if resume is not None:
@@ -430,6 +434,37 @@ def fit(
             dsr.save(ckpt_dir / MODEL_FILE)
     model.eval()
     return run.history
+
+
+def _freeze(dsr: Downscaler, model: torch.nn.Module) -> None:
+    """Fix the pretrained parameters ``dsr.provenance`` lists as frozen."""
+    frozen = set(dsr.provenance.get("frozen", ()))
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+
+
+def param_groups(
+    dsr: Downscaler, model: torch.nn.Module, opts: TrainOptions
+) -> list[dict[str, Any]]:
+    """The optimizer's groups: every parameter at ``lr``; for a fine-tuned model
+    (``dsr.provenance``) those copied whole from the pretrained one in a second
+    group at ``pretrained_lr_scale`` times it.  Each group carries its ``lr_scale``."""
+    pretrained = set(dsr.provenance.get("pretrained", ()))
+    if not pretrained:
+        return [{"params": list(model.parameters()), "lr": opts.lr, "lr_scale": 1.0}]
+    scale = float(opts.pretrained_lr_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"pretrained_lr_scale must be a positive number, got {scale}")
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if n not in pretrained], "lr": opts.lr, "lr_scale": 1.0},
+        {
+            "params": [p for n, p in named if n in pretrained],
+            "lr": opts.lr * scale,
+            "lr_scale": scale,
+        },
+    ]
 
 
 @dataclass
@@ -464,7 +499,7 @@ class _Run:
         total = steps * opts.epochs
         warmup = round(opts.warmup_epochs * steps)
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay
+            param_groups(dsr, model, opts), betas=opts.betas, weight_decay=opts.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -492,10 +527,11 @@ class _Run:
         self.scheduler.load_state_dict(resume["scheduler"])
         # a resumed run may change the peak learning rate: the schedule keeps its
         # position and shape, scaled to the new peak
-        self.scheduler.base_lrs = [opts.lr for _ in self.optimizer.param_groups]
+        groups = self.optimizer.param_groups
+        self.scheduler.base_lrs = [opts.lr * g.get("lr_scale", 1.0) for g in groups]
         step = self.scheduler.last_epoch
-        for group in self.optimizer.param_groups:
-            group["lr"] = opts.lr * lr_factor(
+        for group, base in zip(groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(
                 step, self.warmup, self.total, opts.lr, opts.warmup_start_lr, opts.min_lr
             )
         _restore_rng(resume["rng"], rank, opts.seed)

@@ -35,7 +35,7 @@ from ..model.constraints import block_mean
 from ..ridge import LOCAL_HALF, WHOLE_DOMAIN_MAX
 from ..units import convert, to_model_units
 from ..variables import as_dataset, gather
-from . import linear, loop
+from . import finetune, linear, loop
 from .samples import CropMix, PairedArrays, PairedCrops, compute_stats, in_memory, pair_arrays
 from .samples import split_time as _split_time
 from .static import static_inputs
@@ -372,10 +372,21 @@ def build_downscaler(
     seed: int = 0,
     nonnegative: Sequence[str] = (),
     linear_path: bool = True,
+    init: finetune.Pretrained | None = None,
+    freeze: str | Sequence[str] | None = None,
+    pretrained_lr_scale: float = 1.0,
 ) -> Downscaler:
-    """A new `Downscaler` for the prepared data: normalization, climatologies, static
-    fields, transforms, the grid it was trained on and its coarse-consistency constraints."""
+    """A `Downscaler` for the prepared data: normalization, climatologies, static
+    fields, transforms, the grid it was trained on and its coarse-consistency constraints.
+
+    The network is new (seeded), or starts from ``init``'s weights
+    (`xorbit.training.finetune`): those ``freeze`` names are fixed, and the
+    record goes to ``provenance``.
+    """
     config, first = prepared.config, prepared.pairs[0]
+    if init is not None:
+        # a new spacing is read relative to the pretrained model's own
+        config = config.replace(res_km=init.config.res_km)
     if linear_path and not prepared.multi and config.linear_window is None:
         config = config.replace(linear_window=window, linear_half=linear_half(window))
     first_y, first_x = (first.coarse[d] for d in first.dims)
@@ -396,6 +407,12 @@ def build_downscaler(
         transforms=transforms,
     )
     describe_training(dsr, prepared, window)
+    if init is not None:
+        status = finetune.transfer(init.model, dsr.model)
+        frozen = finetune.frozen_names(status, freeze)
+        dsr.provenance = finetune.provenance(init, status, frozen, freeze, pretrained_lr_scale)
+    elif freeze is not None:
+        raise ValueError("freeze= fixes pretrained weights: it needs init=")
     return dsr
 
 
@@ -482,8 +499,14 @@ def _pair(values: Sequence[float]) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- step 6: resume
-def resume_state(resume: Any, checkpoint_dir: Any, config: ReslimConfig) -> dict[str, Any] | None:
-    """The training state to continue (`loop.load_state`), checked against ``config``."""
+def resume_state(
+    resume: Any,
+    checkpoint_dir: Any,
+    config: ReslimConfig,
+    provenance: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """The training state to continue (`loop.load_state`), checked against ``config``
+    and, for a fine-tuning run, its ``provenance`` (the optimizer's groups)."""
     if not resume:
         return None
     resume_from = checkpoint_dir if resume is True else resume
@@ -497,6 +520,17 @@ def resume_state(resume: Any, checkpoint_dir: Any, config: ReslimConfig) -> dict
         raise ValueError(
             f"cannot resume from {str(resume_from)!r}: it was trained with another model "
             f"architecture (differs in {diff})"
+        )
+    groups = len(state.get("optimizer", {}).get("param_groups", [None]))
+    expected = 2 if (provenance or {}).get("pretrained") else 1
+    if groups != expected:
+        raise ValueError(
+            f"cannot resume from {str(resume_from)!r}: "
+            + (
+                "it was fine-tuned from a pretrained model: pass the same init= to resume"
+                if groups > expected
+                else "it was trained from scratch: resume it without init="
+            )
         )
     return state
 
