@@ -26,6 +26,7 @@ How to run
     .venv/bin/python benchmarks/bench_finetune.py                     # 3 seeds, ~25 min on 2 cores
     .venv/bin/python benchmarks/bench_finetune.py --seeds 0 --years 30
     .venv/bin/python benchmarks/bench_finetune.py --ablation --seeds 0
+    .venv/bin/python benchmarks/bench_finetune.py --swap --seeds 0   # the other split
 """
 
 from __future__ import annotations
@@ -147,12 +148,19 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--ablation", action="store_true", help="freeze / lr choices on 30 years")
     ap.add_argument(
+        "--swap", action="store_true", help="pretrain on the east half, fine-tune on the west"
+    )
+    ap.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "xorbit_bench_finetune"
     )
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     args.cache.mkdir(parents=True, exist_ok=True)
     west, east = regions()
+    if args.swap:  # the other way round: pretrain on the east half, fine-tune on the west
+        west, east = east, west
+        args.cache = args.cache / "swapped"
+        args.cache.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}
     for n in sorted({30, *([] if args.ablation else args.years)}):
@@ -183,9 +191,10 @@ def main() -> None:
                 f"anomaly R² {got['anomaly_r2']:.4f}, gate {gate} (held-out ratio {ratio})",
                 flush=True,
             )
+    pre_half, new_half = ("east", "west") if args.swap else ("west", "east")
     print(
-        f"# bench_finetune: HadCM3 A1B, 9.5m pretrained on the west half (every year), "
-        f"scored on the east half {TEST_FROM}-2099; epochs {args.epochs}, seeds {args.seeds}; "
+        f"# bench_finetune: HadCM3 A1B, 9.5m pretrained on the {pre_half} half (every year), "
+        f"scored on the {new_half} half {TEST_FROM}-2099; epochs {args.epochs}, seeds {args.seeds}; "
         f"{os.cpu_count()} cores, torch {torch.__version__}, xorbit {xorbit.__version__}"
     )
     print_seed_table(

@@ -81,6 +81,11 @@ def test_train_fine_tunes_with_init_and_freeze(files, tmp_path, capsys):
     assert tuned.provenance["freeze"] == ["blocks.*", "norm.*"]
     assert "norm.weight" in tuned.provenance["frozen"]
     capsys.readouterr()
+    # the factor is the pretrained model's: another one is refused, naming both
+    spec["factor"] = 2
+    (tmp_path / "x2.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["train", str(tmp_path / "x2.yaml"), "--init", str(pre), "--quiet"]) == 1
+    assert "factor 2 differs from the pretrained model's (4" in one_line_error(capsys, "train")
 
 
 def test_info(files, capsys):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import xorbit
 from tests.test_train import fine_field, max_diff, small_config, weights
@@ -73,6 +74,24 @@ def test_transfer_resizes_the_position_table_to_a_new_window():
     assert status["pos_embed"] == "pretrained"
 
 
+def test_the_position_table_is_resized_for_the_same_number_of_tokens_on_another_grid():
+    src = seeded(small_config(), 1)  # 4 x 4 tokens
+    dst = seeded(small_config(img_size=(16, 4)), 2)  # 8 x 2 tokens: as many
+    finetune.transfer(src, dst)
+    torch.testing.assert_close(dst.pos_embed.data, src.position_embedding((8, 2)).data)
+    assert not torch.equal(dst.pos_embed.data, src.pos_embed.data)
+
+
+def test_without_a_config_the_coarse_only_inputs_it_knows_are_kept(new_region):
+    coarse, fine = new_region
+    pressure = (coarse * 0 + 1000.0).rename("psl").assign_attrs(units="hPa")
+    both = xr.merge([coarse, pressure])
+    cfg = small_config(in_vars=["tas", "psl"])
+    pre = xorbit.train(both, fine, cfg, **KW)
+    tuned = xorbit.train(both, fine, init=pre, **KW)  # psl is in the coarse data only
+    assert tuned.config.in_vars == ["tas", "psl"] and not tuned.provenance["new"]
+
+
 def test_freeze_names_pretrained_parameters_only():
     src = seeded(small_config(in_vars=["a"], out_vars=["a"]), 1)
     dst = seeded(small_config(in_vars=["a", "b"], out_vars=["a"]), 2)
@@ -140,6 +159,15 @@ def test_fine_tuned_model_saves_loads_downscales_lazily_and_resumes(
     xorbit.train(coarse, fine, checkpoint_dir=ckpt, stop_after=1, **kw)
     resumed = xorbit.train(coarse, fine, checkpoint_dir=ckpt, resume=True, **kw)
     assert max_diff(weights(full), weights(resumed)) == 0.0
+    # a new scale for the pretrained group applies when resuming
+    ckpt3 = tmp_path / "run3"
+    xorbit.train(coarse, fine, checkpoint_dir=ckpt3, stop_after=1, **kw)
+    xorbit.train(
+        coarse, fine, checkpoint_dir=ckpt3, resume=True, **{**kw, "pretrained_lr_scale": 0.5}
+    )
+    groups = loop.load_state(ckpt3)["optimizer"]["param_groups"]
+    assert groups[1]["lr_scale"] == 0.5
+    assert groups[1]["lr"] == pytest.approx(0.5 * groups[0]["lr"])
     with pytest.raises(ValueError, match="pass the same init= to resume"):
         xorbit.train(coarse, fine, small_config(), checkpoint_dir=ckpt, resume=True, **KW)
     # saved and loaded: provenance kept, downscaling lazy and equal to the eager result

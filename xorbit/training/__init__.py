@@ -146,7 +146,7 @@ def train(
         that the coordinates make), then the data's other variables, on the
         pretrained window.  ``transforms`` defaults to the pretrained model's,
         and the model has a linear path if the pretrained one has
-        (``linear_path=`` decides otherwise).  Weights move by
+        (``linear_path=``, or the ``options=`` given, decide otherwise).  Weights move by
         variable name: known inputs keep their embeddings, new inputs and
         outputs start fresh, missing ones are dropped; the position table is
         resized to a new window.  Normalization, climatologies and the linear
@@ -241,7 +241,7 @@ def _default_config(
     model, its architecture over its inputs the data have (`finetune.default_config`)."""
     names = var_names(pairs[0][1])
     if source is not None:
-        return finetune.default_config(source.config, names)
+        return finetune.default_config(source.config, var_names(pairs[0][0]), names)
     return ReslimConfig.preset("tiny", in_vars=names, out_vars=names)
 
 

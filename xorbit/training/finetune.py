@@ -10,12 +10,15 @@ linear path.  Weights move by name:
   inputs the new data lack are dropped;
 - each output it knows keeps its rows of the head's last layer, of
   ``conv_out`` and of the residual upsampler (``path2``); new outputs start as
-  a new model's do (a zero correction to the interpolation);
+  a new model's do (a zero correction to the interpolation where the model
+  has one, ``interp_skip`` not ``"none"``);
 - the position table is resized to a new training window
   (`Reslim.position_embedding`, bicubic, as the reference does for other
   grids); a new grid spacing goes through the resolution embedding, read
   relative to the pretrained model's own ``res_km``;
-- the linear path (`xorbit.model.linear`) is always fitted again on the new data.
+- the linear path (`xorbit.model.linear`) is never copied: where the model
+  has one it is fitted on the new data (and judged by the gate) like a new
+  model's.
 
 Parameters copied whole are "pretrained": ``freeze=`` can fix them, and they
 train at ``pretrained_lr_scale`` times the learning rate of the others
@@ -106,19 +109,21 @@ def pretrained(init: Any) -> Pretrained:
     )
 
 
-def default_config(source: ReslimConfig, names: Sequence[str]) -> ReslimConfig:
+def default_config(
+    source: ReslimConfig, coarse_names: Sequence[str], fine_names: Sequence[str]
+) -> ReslimConfig:
     """The variables to fine-tune on when no config is given: the pretrained
-    model's dynamic inputs that the data have (or that are made from the
-    coordinates, `xorbit.variables.COORDINATE_FIELDS`), then the data's other
-    variables; the data's variables as outputs."""
+    model's dynamic inputs that the coarse data have (or that are made from the
+    coordinates, `xorbit.variables.COORDINATE_FIELDS`), then the fine data's
+    other variables; the fine data's variables as outputs."""
     known = [
         v
         for v in source.in_vars
-        if v not in source.static_vars and (v in names or v in COORDINATE_FIELDS)
+        if v not in source.static_vars and (v in coarse_names or v in COORDINATE_FIELDS)
     ]
     return source.replace(
-        in_vars=[*known, *(v for v in names if v not in known)],
-        out_vars=list(names),
+        in_vars=[*known, *(v for v in fine_names if v not in known)],
+        out_vars=list(fine_names),
         static_vars=[],
     )
 
@@ -165,17 +170,18 @@ def _rows(keys_from: Sequence[Any], keys_to: Sequence[Any]) -> tuple[list[int], 
 def _copy_indexed(
     dst: torch.Tensor, src: torch.Tensor, maps: dict[int, tuple[list[int], list[int]]]
 ) -> None:
-    """``dst[to...] = src[from...]`` along the leading axes in ``maps``."""
+    """``dst[to...] = src[from...]`` along the leading axes in ``maps`` (any devices)."""
     sub = src
     for axis, (fr, _) in maps.items():
-        sub = sub.index_select(axis, torch.tensor(fr, dtype=torch.long))
+        sub = sub.index_select(axis, torch.tensor(fr, dtype=torch.long, device=src.device))
     index: list[Any] = [slice(None)] * dst.ndim
     axes = sorted(maps)
     for n, axis in enumerate(axes):
         shape = [1] * len(axes)
         shape[n] = -1
-        index[axis] = torch.tensor(maps[axis][1], dtype=torch.long).reshape(shape)
-    dst[tuple(index)] = sub.to(dst.dtype)
+        to = torch.tensor(maps[axis][1], dtype=torch.long, device=dst.device)
+        index[axis] = to.reshape(shape)
+    dst[tuple(index)] = sub.to(device=dst.device, dtype=dst.dtype)
 
 
 def _variable_axes(model: Reslim) -> dict[str, dict[int, list[Any]]]:
@@ -204,7 +210,10 @@ def transfer(src: Reslim, dst: Reslim) -> dict[str, str]:
     parameters: copied whole, copied for the variables both know, or left as
     initialized.  The linear path and the gate are never copied.
     """
-    theirs = src.state_dict()
+    # on the CPU, whatever device each model is on (a model trained on CUDA stays there)
+    theirs = {k: v.detach().cpu() for k, v in src.state_dict().items()}
+    grid_from = src.token_grid(src.config.img_size)
+    grid_to = dst.token_grid(dst.config.img_size)
     axes_dst, axes_src = _variable_axes(dst), _variable_axes(src)
     status: dict[str, str] = {}
     src_tok = {v: j for j, v in enumerate(src.config.in_vars)}
@@ -228,12 +237,13 @@ def transfer(src: Reslim, dst: Reslim) -> dict[str, str]:
                 _copy_indexed(param.data, theirs[name], maps)
                 whole = all(len(to) == param.shape[a] for a, (_, to) in maps.items())
                 status[name] = "pretrained" if whole else "partial"
-            elif name == "pos_embed" and theirs[name].shape != param.shape:
-                grid = dst.token_grid(dst.config.img_size)
-                param.copy_(src.position_embedding(grid).to(param.dtype))
+            elif name == "pos_embed" and grid_from != grid_to:
+                # another window (the same number of tokens on another grid too)
+                table = src.position_embedding(grid_to).detach().cpu()
+                param.copy_(table.to(param.dtype))
                 status[name] = "pretrained"
             elif key in theirs and theirs[key].shape == param.shape:
-                param.copy_(theirs[key])
+                param.copy_(theirs[key].to(param.device))
                 status[name] = "pretrained"
             else:
                 status[name] = "new"

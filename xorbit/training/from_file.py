@@ -68,7 +68,14 @@ def train_from_file(
     fine = open_dataset(base / spec["fine"])
     model = dict(spec.get("model", {}))
     preset = model.pop("preset", "tiny")
-    factor = int(model.pop("factor", spec.get("factor", 4)))
+    init, pre = _pretrained(spec, overrides or {}, base)
+    given = model.pop("factor", spec.get("factor"))
+    factor = int(given if given is not None else (pre.factor if pre is not None else 4))
+    if pre is not None and factor != pre.factor:
+        raise ValueError(
+            f"{path}: factor {factor} differs from the pretrained model's ({pre.factor}, "
+            f"{str(init)!r}); a fine-tuned model keeps its factor"
+        )
     out_vars = model.pop("out_vars", spec.get("variables"))
     if not out_vars:
         raise ValueError("the config needs 'variables' (the variables to downscale)")
@@ -91,13 +98,10 @@ def train_from_file(
         if key == "transforms":
             value = {**dict(options.get("transforms") or {}), **value}
         options[key] = value
-    init = options.pop("init", None) or spec.get("init")
-    if init is not None:
-        # fine-tuning: the pretrained architecture over the file's variables
-        init = Path(init) if "init" in (overrides or {}) else base / init
+    if pre is not None:
         options["init"] = init
-        pre = ReslimConfig.from_dict(read_metadata(init)["config"])
-        cfg = pre.replace(in_vars=in_vars, out_vars=out_vars, **model)
+        statics = list(model.pop("static_vars", []))
+        cfg = pre.replace(in_vars=in_vars, out_vars=out_vars, static_vars=statics, **model)
     else:
         cfg = ReslimConfig.preset(
             preset, factor=factor, in_vars=in_vars, out_vars=out_vars, **model
@@ -109,3 +113,15 @@ def train_from_file(
     out = Path(output) if output is not None else base / spec.get("output", "model.xorbit")
     dsr.save(out)
     return dsr, out
+
+
+def _pretrained(
+    spec: dict[str, Any], overrides: dict[str, Any], base: Path
+) -> tuple[Path | None, ReslimConfig | None]:
+    """The model to fine-tune (``--init``, else ``init`` in the file or its
+    ``train`` section, relative to the file) and its config; ``(None, None)``."""
+    init = overrides.get("init") or (spec.get("train") or {}).get("init") or spec.get("init")
+    if init is None:
+        return None, None
+    where = Path(init) if "init" in overrides else base / init
+    return where, ReslimConfig.from_dict(read_metadata(where)["config"])

@@ -528,6 +528,8 @@ class _Run:
         # a resumed run may change the peak learning rate: the schedule keeps its
         # position and shape, scaled to the new peak
         groups = self.optimizer.param_groups
+        if len(groups) == 2:  # fine-tuning: a new scale for the pretrained group applies
+            groups[1]["lr_scale"] = float(opts.pretrained_lr_scale)
         self.scheduler.base_lrs = [opts.lr * g.get("lr_scale", 1.0) for g in groups]
         step = self.scheduler.last_epoch
         for group, base in zip(groups, self.scheduler.base_lrs, strict=True):
