@@ -92,7 +92,7 @@ def pretrain(west, seed: int, epochs: int, cache: Path, linear_path: bool = True
         linear_path=linear_path,
     )
     print(
-        f"# pretrained 9.5m{kind} seed {seed} on the west half in {time.perf_counter() - t0:.0f} s",
+        f"# pretrained 9.5m{kind} seed {seed} on the pretraining half in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
     dsr.save(path)
