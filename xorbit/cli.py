@@ -104,7 +104,9 @@ def _select(ds, names):
 
 def _freeze(text: str | None) -> str | list[str] | None:
     """``--freeze``: a group name, or comma-separated parameter-name patterns."""
-    if text is None or text in ("encoder", "blocks"):
+    from .training.finetune import FREEZE_GROUPS
+
+    if text is None or text in FREEZE_GROUPS:
         return text
     return [p.strip() for p in text.split(",") if p.strip()]
 

@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 
-from ..model.checkpoint import weights_hash
 from ..model.config import ReslimConfig
 from ..model.reslim import Reslim
 from ..variables import COORDINATE_FIELDS
@@ -71,10 +70,10 @@ FREEZE_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "blocks": ("blocks.*",),
 }
-# config fields that name the data (the rest is the pretrained architecture)
-_DATA_FIELDS = ("in_vars", "out_vars", "static_vars", "linear_window", "linear_half", "res_km")
-# the linear path is refitted on the new data, never copied
-_REFIT = ("linear.",)
+# config fields that the data decide: the variables, then what `train` sets
+# from the data (the rest is the pretrained architecture)
+_VARIABLES = ("in_vars", "out_vars", "static_vars")
+_FROM_DATA = (*_VARIABLES, "linear_window", "linear_half", "res_km")
 
 
 @dataclass
@@ -97,16 +96,16 @@ def pretrained(init: Any) -> Pretrained:
     from ..downscaler import Downscaler
 
     if isinstance(init, (str, os.PathLike)):
-        dsr = Downscaler.load(init)
-        return Pretrained(dsr.model, str(Path(init)), dsr.weights_sha256, dict(dsr.transforms))
-    if isinstance(init, Downscaler):
-        return Pretrained(init.model, "Downscaler", init.weights_sha256, dict(init.transforms))
-    if isinstance(init, Reslim):
-        return Pretrained(init, "Reslim", weights_hash(init.state_dict()))
-    raise TypeError(
-        "init must be a Downscaler, a Reslim (xorbit.model.checkpoint.import_orbit2) or the "
-        f"path of a .xorbit file, got {type(init).__name__}"
-    )
+        source, dsr = str(Path(init)), Downscaler.load(init)
+    elif isinstance(init, (Downscaler, Reslim)):
+        source = type(init).__name__
+        dsr = init if isinstance(init, Downscaler) else Downscaler(model=init)
+    else:
+        raise TypeError(
+            "init must be a Downscaler, a Reslim (xorbit.model.checkpoint.import_orbit2) or the "
+            f"path of a .xorbit file, got {type(init).__name__}"
+        )
+    return Pretrained(dsr.model, source, dsr.weights_sha256, dict(dsr.transforms))
 
 
 def default_config(
@@ -142,13 +141,13 @@ def finetune_config(source: ReslimConfig, wanted: ReslimConfig, explicit: bool) 
     ``img_size`` is the new training window, and architecture fields that
     differ from the pretrained ones are named in a warning (they are ignored).
     """
-    changes: dict[str, Any] = {f: getattr(wanted, f) for f in _DATA_FIELDS[:3]}
+    changes: dict[str, Any] = {f: getattr(wanted, f) for f in _VARIABLES}
     changes.update(linear_window=None, linear_half=None)
     if explicit:
         changes["img_size"] = tuple(wanted.img_size)
         theirs, ours = source.to_dict(), wanted.to_dict()
         ignored = sorted(
-            k for k in theirs if k not in (*_DATA_FIELDS, "img_size") and theirs[k] != ours.get(k)
+            k for k in theirs if k not in (*_FROM_DATA, "img_size") and theirs[k] != ours.get(k)
         )
         if ignored:
             warnings.warn(
@@ -218,10 +217,8 @@ def transfer(src: Reslim, dst: Reslim) -> dict[str, str]:
     status: dict[str, str] = {}
     src_tok = {v: j for j, v in enumerate(src.config.in_vars)}
     with torch.no_grad():
+        # parameters only: the linear path and the gate are buffers, never copied
         for name, param in dst.named_parameters():
-            if name.startswith(_REFIT):
-                status[name] = "new"
-                continue
             key = name
             if name.startswith("token_embeds."):
                 _, j, rest = name.split(".", 2)
@@ -293,7 +290,7 @@ def provenance(
         "init_out_vars": list(source.config.out_vars),
         "pretrained": sorted(n for n, s in status.items() if s == "pretrained"),
         "partial": sorted(n for n, s in status.items() if s == "partial"),
-        "new": sorted(n for n, s in status.items() if s == "new" and not n.startswith(_REFIT)),
+        "new": sorted(n for n, s in status.items() if s == "new"),
         "freeze": freeze if freeze is None or isinstance(freeze, str) else list(freeze),
         "frozen": list(frozen),
         "pretrained_lr_scale": float(lr_scale),
