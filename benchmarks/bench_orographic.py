@@ -30,6 +30,7 @@ How to run
     .venv/bin/python benchmarks/bench_orographic.py                  # 3 seeds, 40 epochs (~45 min)
     .venv/bin/python benchmarks/bench_orographic.py --ablation-seeds 3   # every ablation, every seed
     .venv/bin/python benchmarks/bench_orographic.py --seeds 0 --epochs 10 --no-ablation
+    .venv/bin/python benchmarks/bench_orographic.py --seeds 0 --no-ablation --augment none --epochs 300
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=250)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--augment", default=None, help="TrainOptions.augment (library default: auto)")
+    ap.add_argument("--crops-per-time", type=int, default=None)
     ap.add_argument(
         "--ablation-seeds",
         type=int,
@@ -121,7 +124,13 @@ def main() -> None:
         cfg = xorbit.ReslimConfig.preset(
             args.preset, factor=4, in_vars=["pr", "u", "v"], out_vars=["pr"]
         )
-        options = dict(static=static, nonnegative=["pr"]) | train_kw
+        options = dict(
+            static=static,
+            nonnegative=["pr"],
+            augment=args.augment,
+            crops_per_time=args.crops_per_time,
+        )
+        options |= train_kw
         options = {k: v for k, v in options.items() if v is not None}
         t0 = time.perf_counter()
         dsr = xorbit.train(ct, ft, cfg, epochs=args.epochs, seed=seed, progress=False, **options)

@@ -57,3 +57,12 @@ def test_the_local_cluster_recipe_runs(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "{'time': 8, 'lat': 64, 'lon': 128} [1, 2]" in printed
     assert re.search(r"RMSE \d+\.\d{3} K, bicubic \d+\.\d{3} K", printed)
+
+
+def test_the_1b_memory_plan_recipe_prints_what_the_page_says(capsys):
+    md = CLUSTER_MD.read_text()
+    exec(python_block(md, "A `1b` model on GPU nodes (SLURM, FSDP)"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 6 and all(line.endswith("True") for line in out)
+    # the figures the page quotes are the ones the plan gives
+    assert out[0] in md.replace("`", "") and out[4] in md.replace("`", "")

@@ -161,18 +161,6 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path):
         train(coarse, fine, small_config(), resume=tmp_path / "none", **kw)
 
 
-@pytest.fixture(scope="module")
-def client():
-    distributed = pytest.importorskip("distributed")
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
-        yield c
-
-
 @pytest.mark.distributed
 def test_two_rank_ddp_matches_one_process(client):
     fine = fine_field()

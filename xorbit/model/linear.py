@@ -16,6 +16,8 @@ model pads).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -83,7 +85,9 @@ class LinearPath(nn.Module):
                 f"window); it was given {h} x {w}: downscale with the default tile and halo"
             )
         k = self.factor
-        with torch.autocast(x.device.type, enabled=False):  # a regression: in float32
+        # a regression: in float32 (meta tensors, for memory plans, have no autocast)
+        meta = x.device.type == "meta"
+        with contextlib.nullcontext() if meta else torch.autocast(x.device.type, enabled=False):
             x = x.float()
             if (h, w) != (ny, nx):
                 x = F.pad(x, (0, nx - w, 0, ny - h), mode="replicate")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import adaptive
 from .config import ReslimConfig
@@ -192,6 +193,9 @@ class Reslim(nn.Module):
         d, p, k = c.embed_dim, c.patch_size, c.factor
         n_out = len(c.out_vars)
         self._var_index = {v: i for i, v in enumerate(c.in_vars)}
+        # recompute each block's activations in backward instead of keeping them
+        # (`TrainOptions.checkpoint_activations`); a training setting, not saved
+        self.checkpoint_activations = False
 
         # encoder
         self.token_embeds = nn.ModuleList(PatchEmbed(p, d) for _ in c.in_vars)
@@ -200,7 +204,7 @@ class Reslim(nn.Module):
         self.var_agg = VariableAggregation(d, c.num_heads)
         gh, gw = self.token_grid(c.img_size)
         self.pos_embed = nn.Parameter(
-            torch.from_numpy(sincos_pos_embed_2d(d, gh, gw)).unsqueeze(0),
+            torch.tensor(sincos_pos_embed_2d(d, gh, gw)).unsqueeze(0),  # on the default device
             requires_grad=c.learn_pos_embed,
         )
         self.spatial_embed = nn.Linear(1, d)  # resolution embedding, input in km
@@ -211,7 +215,7 @@ class Reslim(nn.Module):
             n_scales = c.max_leaf.bit_length()
             self.leaf_embed = nn.Parameter(torch.zeros(n_scales, d))
         self.pos_drop = nn.Dropout(c.drop_rate)
-        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        rates = np.linspace(0.0, c.drop_path, c.depth).tolist()  # no tensor: builds on meta
         self.blocks = nn.ModuleList(
             Block(d, c.num_heads, c.mlp_ratio, c.drop_rate, r) for r in rates
         )
@@ -446,8 +450,10 @@ class Reslim(nn.Module):
         dropout, the transformer blocks, LayerNorm (uniform and adaptive tokens)."""
         tokens = tokens + self.resolution_embedding(res_km, tokens)
         tokens = self.pos_drop(tokens)
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            tokens = blk(tokens)
+            # activation checkpointing: keep only each block's input for backward
+            tokens = checkpoint(blk, tokens, use_reentrant=False) if recompute else blk(tokens)
         return self.norm(tokens)
 
     def forward_head(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ..model.reslim import Reslim
 from ..variables import var_names
 from . import finetune
 from .loop import TrainOptions, fit, load_state, validate
+from .memory import MemoryPlan, plan
 from .recipe import (
     MIN_AUGMENTED_DRAWS,
     build_downscaler,
@@ -27,8 +28,18 @@ from .recipe import (
     statistics,
     training_window,
 )
+from .sharding import check_strategy
 
-__all__ = ["MIN_AUGMENTED_DRAWS", "TrainOptions", "fit", "load_state", "train", "validate"]
+__all__ = [
+    "MIN_AUGMENTED_DRAWS",
+    "MemoryPlan",
+    "TrainOptions",
+    "fit",
+    "load_state",
+    "plan",
+    "train",
+    "validate",
+]
 
 
 def train(
@@ -87,7 +98,15 @@ def train(
         Training length, global batch size and peak learning rate (defaults:
         the preset's, `TrainOptions.for_config`).
     client
-        A ``distributed.Client``: run one DDP rank per worker.
+        A ``distributed.Client``: run one training rank per worker.  The
+        ``strategy`` option says how: ``"ddp"`` (each rank holds the whole
+        model), ``"fsdp"`` (parameters, gradients and AdamW state sharded over
+        the ranks, `xorbit.training.sharding`) or ``"auto"`` (default: FSDP when
+        `xorbit.training.plan` says one rank's whole training state would not
+        fit its worker's ``memory_limit``, or its GPU).  A run that fits
+        neither way is refused before it starts, with the plan in the
+        ``MemoryError``.  ``checkpoint_activations=True`` trades compute for
+        activation memory (with or without a client).
     checkpoint_dir
         Where ``state.pt`` and ``model.xorbit`` are written after every epoch.
     resume
@@ -173,6 +192,11 @@ def train(
     config, transforms = _model_config(pairs, config, source, transforms, options)
     opts = _options(config, options, epochs, seed, device, checkpoint_dir, progress, lr, batch_size)
     transforms = _check_transforms(transforms, config)
+    if check_strategy(opts.strategy) == "fsdp" and client is None:
+        raise ValueError(
+            "strategy='fsdp' shards the model over the ranks of a Dask cluster: pass client= "
+            "(one process trains the whole model, as with 'ddp')"
+        )
     prepared = prepare_pairs(
         pairs,
         config,

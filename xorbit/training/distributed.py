@@ -34,7 +34,9 @@ provided every worker can reach rank 0's worker host on a TCP port.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import logging
 import os
 import uuid
 from collections import defaultdict
@@ -45,10 +47,14 @@ import torch
 
 from .._threads import available_cores, torch_threads
 from ..downscaler import Downscaler
+from . import sharding
 from .loop import TrainOptions, fit
+from .memory import choose_strategy
 from .samples import CropMix, PairedArrays, PairedCrops
 
 __all__ = ["fit_distributed"]
+
+logger = logging.getLogger(__name__)
 
 
 def _address_host(address: str) -> str:
@@ -156,6 +162,82 @@ def _rendezvous(
     return torch.distributed.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
 
 
+def _gpu_memory() -> int:
+    """Bytes of this worker's current CUDA device."""
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+def _nbytes(data: Any) -> int:
+    """Bytes of the arrays in memory of training or validation data (stores: 0)."""
+    if data is None:
+        return 0
+    if isinstance(data, CropMix):
+        return sum(_nbytes(p) for p in data.parts)
+    if isinstance(data, PairedCrops):
+        return _nbytes(data.data)
+    if isinstance(data, PairedArrays):
+        return sum(int(getattr(a, "nbytes", 0)) for a in (data.coarse, data.fine))
+    return sum(_nbytes(d) for d in data)
+
+
+def _strategy(
+    client: Any,
+    dsr: Downscaler,
+    train: PairedCrops | CropMix,
+    val: Any,
+    opts: TrainOptions,
+    info: Mapping[str, Mapping[str, Any]],
+    workers: Sequence[str],
+) -> str:
+    """``opts.strategy``, "auto" resolved by the memory plan (logged when it picks FSDP).
+
+    The limit is the smallest worker ``memory_limit`` (none if a worker has
+    none); on CUDA the smallest GPU memory.
+
+    Raises
+    ------
+    MemoryError
+        If one rank's share would not fit (`xorbit.training.memory.choose_strategy`).
+    """
+    cuda = opts.device.startswith("cuda")
+    if cuda:
+        limit: int | None = min(client.run(_gpu_memory, workers=list(workers)).values())
+    else:
+        limits = [int(info[w].get("memory_limit") or 0) for w in workers]
+        limit = min(limits) if all(limits) else None
+    name, memory = choose_strategy(
+        dsr.config,
+        opts.strategy,
+        batch_size=opts.batch_size,
+        workers=len(workers),
+        limit=limit,
+        precision="bf16" if cuda else "fp32",
+        checkpoint_activations=opts.checkpoint_activations,
+        data_bytes=0 if cuda else _nbytes(train) + _nbytes(val),
+    )
+    if opts.strategy == "auto" and name == "fsdp":
+        logger.warning("strategy='auto': DDP would not fit, training with FSDP\n%s", memory)
+    return name
+
+
+def _take_model(dsr: Downscaler) -> Downscaler:
+    """A copy of ``dsr`` whose model takes over the weights of ``dsr``'s, which is left
+    on ``meta``.
+
+    ``fully_shard`` turns a model into a class of its own, which cannot be
+    pickled: sharding the scattered object in place broke the worker's
+    spilling of it to disk under memory pressure.  Taking the tensors over
+    keeps one copy of the weights in the process.
+    """
+    from ..model.reslim import Reslim
+
+    with torch.device("meta"):
+        model = Reslim(dsr.config)
+    model.load_state_dict(dsr.model.state_dict(), assign=True)
+    dsr.model.to("meta")
+    return dataclasses.replace(dsr, model=model)
+
+
 def _rank_main(
     rank: int,
     world_size: int,
@@ -178,6 +260,8 @@ def _rank_main(
     import torch.distributed as dist
 
     use_cuda = opts.device.startswith("cuda")
+    if opts.strategy == "fsdp":
+        dsr = _take_model(dsr)
     if use_cuda:
         torch.cuda.set_device(gpu % torch.cuda.device_count())
         opts = opts.replace(device=f"cuda:{torch.cuda.current_device()}")
@@ -196,6 +280,8 @@ def _rank_main(
     try:
 
         def wrap(model: torch.nn.Module) -> torch.nn.Module:
+            if opts.strategy == "fsdp":
+                return sharding.shard(model, world_size, torch.device(opts.device))
             ids = [torch.cuda.current_device()] if use_cuda else None
             return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -212,11 +298,14 @@ def _rank_main(
                 wrap=wrap,
                 stop_after=stop_after,
             )
+        # a sharded model's weights are gathered to rank 0 by every rank
+        gather = rank == 0 or opts.strategy == "fsdp"
+        state = sharding.full_model_state(dsr.model, copy=False) if gather else {}
     finally:
         dist.destroy_process_group()
     result: dict[str, Any] = {"rank": rank, "threads": used, "history": history}
     if rank == 0:
-        result["state"] = {k: v.detach().cpu() for k, v in dsr.model.state_dict().items()}
+        result["state"] = state
     return result
 
 
@@ -255,6 +344,7 @@ def fit_distributed(
     if not workers:
         raise RuntimeError("the Dask cluster has no workers to train on")
     world = len(workers)
+    opts = opts.replace(strategy=_strategy(client, dsr, train, val, opts, info, workers))
     if opts.threads is None:
         shares = _thread_shares(info, client.run(available_cores))
     else:

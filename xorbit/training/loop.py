@@ -43,6 +43,13 @@ from ..model.config import ReslimConfig
 from ..model.loss import bayesian_tv_loss
 from ..regrid import upsample_array
 from .samples import CropMix, PairedArrays, PairedCrops
+from .sharding import (
+    full_model_state,
+    is_sharded,
+    load_optimizer_state,
+    optimizer_state,
+    set_model_state,
+)
 
 __all__ = [
     "TRAIN_PRESETS",
@@ -120,6 +127,14 @@ class TrainOptions:
     # fine-tuning (`xorbit.train(init=)`): the learning rate of parameters copied
     # whole from the pretrained model, as a fraction of ``lr``
     pretrained_lr_scale: float = 1.0
+    # with a Dask client: "ddp" (every rank holds the whole model), "fsdp" (the
+    # model, its gradients and AdamW state sharded over the ranks,
+    # `xorbit.training.sharding`), or "auto" (FSDP when `plan` says one rank's
+    # whole training state would not fit its worker's memory)
+    strategy: str = "auto"
+    # recompute each transformer block's activations in backward (less memory,
+    # about a third more compute)
+    checkpoint_activations: bool = False
 
     @classmethod
     def for_config(cls, config: ReslimConfig, **overrides: Any) -> TrainOptions:
@@ -406,15 +421,18 @@ def fit(
     """
     device = torch.device(opts.device)
     model = dsr.model.to(device).train()
+    model.checkpoint_activations = bool(opts.checkpoint_activations)
     _freeze(dsr, model)  # before DDP, which registers the parameters that train
+    if resume is not None:
+        model.load_state_dict(resume["model"])  # before sharding: every rank has it
     net = wrap(model) if wrap is not None else model
     run = _Run.start(dsr, model, len(train), opts, world_size)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        run.restore(resume, rank, opts)
+        run.restore(resume, rank, opts, model)
     else:
         torch.manual_seed(opts.seed + rank)
-    vals = _validation_parts(val, opts, rank, world_size)
+    # a sharded model's forward is a collective: every rank validates every step
+    vals = _validation_parts(val, opts, rank, 1 if run.sharded else world_size)
     ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else None
     for epoch in range(run.start_epoch, opts.epochs):
         loss = _train_epoch(dsr, net, run, train, epoch, opts, rank, world_size, device)
@@ -427,13 +445,35 @@ def fit(
         if stop_after is not None and epoch + 1 >= stop_after:
             model.eval()
             return run.history
-    if run.best["model"] is not None:
-        # early stopping after the fact: the epoch that validated best
-        model.load_state_dict(run.best["model"])
-        if ckpt_dir is not None and rank == 0:
-            dsr.save(ckpt_dir / MODEL_FILE)
+    if run.best["model"] is not None or (run.sharded and run.best["epoch"]):
+        # early stopping after the fact: the epoch that validated best (rank 0's
+        # copy, sent to the others' shards)
+        set_model_state(model, run.best["model"] or {})
+        if ckpt_dir is not None:
+            _save_downscaler(dsr, model, ckpt_dir / MODEL_FILE, rank)
     model.eval()
     return run.history
+
+
+def _save_downscaler(dsr: Downscaler, model: torch.nn.Module, path: Path, rank: int) -> None:
+    """Rank 0 saves ``dsr`` (a sharded model's weights gathered first: every rank calls)."""
+    if not is_sharded(model):
+        if rank == 0:
+            dsr.save(path)
+        return
+    state = full_model_state(model)
+    if rank == 0:
+        whole_model_copy(dsr, state).save(path)
+
+
+def whole_model_copy(dsr: Downscaler, state: dict[str, torch.Tensor]) -> Downscaler:
+    """``dsr`` with an unsharded `Reslim` holding ``state`` (built on meta: no copy made)."""
+    from ..model.reslim import Reslim
+
+    with torch.device("meta"):
+        plain = Reslim(dsr.config)
+    plain.load_state_dict(state, assign=True)
+    return dataclasses.replace(dsr, model=plain.eval())
 
 
 def _freeze(dsr: Downscaler, model: torch.nn.Module) -> None:
@@ -478,6 +518,7 @@ class _Run:
     warmup: int
     total: int
     var_weights: torch.Tensor
+    sharded: bool = False  # the model is FSDP-sharded over the ranks
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
     best: dict[str, Any] = field(
@@ -519,11 +560,14 @@ class _Run:
             warmup,
             total,
             weights.to(device),
+            sharded=is_sharded(model),
         )
 
-    def restore(self, resume: dict[str, Any], rank: int, opts: TrainOptions) -> None:
+    def restore(
+        self, resume: dict[str, Any], rank: int, opts: TrainOptions, model: torch.nn.Module
+    ) -> None:
         """Continue a saved state exactly (a new peak lr keeps the schedule's shape)."""
-        self.optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(model, self.optimizer, resume["optimizer"])
         self.scheduler.load_state_dict(resume["scheduler"])
         # a resumed run may change the peak learning rate: the schedule keeps its
         # position and shape, scaled to the new peak
@@ -643,20 +687,17 @@ def _validate_epoch(
     """Scores on the held-out sets (summed over ranks), and the best epoch kept."""
     device = torch.device(opts.device)
     sums = validation_sums(dsr, vals, tile=opts.tile, halo=opts.halo, device=opts.device)
-    scores = rmse_scores(dsr, _sum_over_ranks(sums, world_size, device))
+    # the ranks of a sharded model each scored every step: nothing to add
+    scores = rmse_scores(dsr, _sum_over_ranks(sums, 1 if run.sharded else world_size, device))
     # validation_sums put the model back in training mode
     # one number over all variables: RMSE relative to bicubic, averaged
     out_vars = dsr.config.out_vars
     score = float(np.mean([scores[f"rmse_{v}"] / scores[f"rmse_bicubic_{v}"] for v in out_vars]))
     if opts.keep_best and score < run.best["score"]:
-        run.best = {
-            "score": score,
-            "epoch": epoch + 1,
-            # rank 0 returns the weights; the others only track the epoch
-            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if rank == 0
-            else None,
-        }
+        # rank 0 returns the weights; the others only track the epoch (the
+        # shards of a sharded model are gathered by all)
+        state = full_model_state(model) if rank == 0 or run.sharded else None
+        run.best = {"score": score, "epoch": epoch + 1, "model": state if rank == 0 else None}
     return {**scores, "best_epoch": run.best["epoch"]}
 
 
@@ -670,16 +711,21 @@ def _checkpoint(
     world_size: int,
     device: torch.device,
 ) -> None:
-    """Rank 0 writes the Downscaler and the training state (every rank's RNG)."""
+    """Rank 0 writes the Downscaler and the training state (every rank's RNG), the
+    model and optimizer whole and keyed by name (a sharded model's gathered first)."""
     rngs = _all_ranks(_rng_state(device), world_size)  # a collective: every rank
+    if rank != 0 and not run.sharded:
+        return
+    weights = full_model_state(model, copy=False)  # collectives when sharded: every rank
+    optimizer = optimizer_state(model, run.optimizer)
     if rank != 0:
         return
-    dsr.save(ckpt_dir / MODEL_FILE)
+    (whole_model_copy(dsr, weights) if run.sharded else dsr).save(ckpt_dir / MODEL_FILE)
     _save_state(
         ckpt_dir / STATE_FILE,
         {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": run.optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer,
             "scheduler": run.scheduler.state_dict(),
             "rng": rngs,
             "epoch": epoch + 1,
