@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,9 @@ from .sharding import (
     full_model_state,
     is_sharded,
     load_optimizer_state,
+    load_sharded,
     optimizer_state,
+    save_sharded,
     set_model_state,
 )
 
@@ -62,6 +65,7 @@ __all__ = [
 ]
 
 STATE_FILE = "state.pt"
+SHARDED_KEY = "sharded"  # in a sharded run's state.pt: its shards' directory
 MODEL_FILE = "model.xorbit"
 
 
@@ -382,7 +386,10 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         path = path / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no training state to resume from at {str(path)!r}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if SHARDED_KEY in state:  # where the shards are, for the ranks to read
+        state[SHARDED_KEY] = str(path.parent.resolve() / state[SHARDED_KEY])
+    return state
 
 
 def fit(
@@ -423,7 +430,7 @@ def fit(
     model = dsr.model.to(device).train()
     model.checkpoint_activations = bool(opts.checkpoint_activations)
     _freeze(dsr, model)  # before DDP, which registers the parameters that train
-    if resume is not None:
+    if resume is not None and "model" in resume:
         model.load_state_dict(resume["model"])  # before sharding: every rank has it
     net = wrap(model) if wrap is not None else model
     run = _Run.start(dsr, model, len(train), opts, world_size)
@@ -567,7 +574,10 @@ class _Run:
         self, resume: dict[str, Any], rank: int, opts: TrainOptions, model: torch.nn.Module
     ) -> None:
         """Continue a saved state exactly (a new peak lr keeps the schedule's shape)."""
-        load_optimizer_state(model, self.optimizer, resume["optimizer"])
+        if SHARDED_KEY in resume:  # a sharded run's: model and optimizer from its shards
+            load_sharded(model, self.optimizer, Path(resume[SHARDED_KEY]))
+        else:
+            load_optimizer_state(model, self.optimizer, resume["optimizer"])
         self.scheduler.load_state_dict(resume["scheduler"])
         # a resumed run may change the peak learning rate: the schedule keeps its
         # position and shape, scaled to the new peak
@@ -711,21 +721,34 @@ def _checkpoint(
     world_size: int,
     device: torch.device,
 ) -> None:
-    """Rank 0 writes the Downscaler and the training state (every rank's RNG), the
-    model and optimizer whole and keyed by name (a sharded model's gathered first)."""
+    """Rank 0 writes the Downscaler and the training state (every rank's RNG).
+
+    Unsharded: ``state.pt`` holds the model and the optimizer whole, keyed by
+    name.  Sharded: every rank writes its shards of both to
+    ``state-<epoch>.dcp`` (`sharding.save_sharded`), then ``state.pt`` names that
+    directory and the previous one is removed: a crash at any point leaves a
+    ``state.pt`` whose directory is complete.
+    """
     rngs = _all_ranks(_rng_state(device), world_size)  # a collective: every rank
-    if rank != 0 and not run.sharded:
-        return
-    weights = full_model_state(model, copy=False)  # collectives when sharded: every rank
-    optimizer = optimizer_state(model, run.optimizer)
+    state: dict[str, Any] = {}
+    if run.sharded:
+        shards = ckpt_dir / f"state-{epoch + 1}.dcp"
+        save_sharded(model, run.optimizer, shards)  # collectives: every rank
+        state[SHARDED_KEY] = shards.name
+        weights = full_model_state(model)
+        if rank == 0:
+            whole_model_copy(dsr, weights).save(ckpt_dir / MODEL_FILE)
+    elif rank == 0:
+        state["model"] = full_model_state(model, copy=False)
+        state["optimizer"] = optimizer_state(model, run.optimizer)
+        dsr.save(ckpt_dir / MODEL_FILE)
     if rank != 0:
         return
-    (whole_model_copy(dsr, weights) if run.sharded else dsr).save(ckpt_dir / MODEL_FILE)
     _save_state(
         ckpt_dir / STATE_FILE,
         {
-            "model": weights,
-            "optimizer": optimizer,
+            **state,
+            "optimizer_groups": len(run.optimizer.param_groups),
             "scheduler": run.scheduler.state_dict(),
             "rng": rngs,
             "epoch": epoch + 1,
@@ -734,3 +757,6 @@ def _checkpoint(
             "best": run.best,
         },
     )
+    for old in ckpt_dir.glob("state-*.dcp"):
+        if old.name != state.get(SHARDED_KEY):
+            shutil.rmtree(old, ignore_errors=True)

@@ -521,7 +521,9 @@ def resume_state(
             f"cannot resume from {str(resume_from)!r}: it was trained with another model "
             f"architecture (differs in {diff})"
         )
-    groups = len(state.get("optimizer", {}).get("param_groups", [None]))
+    groups = state.get("optimizer_groups") or len(
+        state.get("optimizer", {}).get("param_groups", [None])
+    )
     expected = 2 if (provenance or {}).get("pretrained") else 1
     if groups != expected:
         raise ValueError(

@@ -10,17 +10,22 @@ gives the same weights (to rounding).  It runs over gloo on CPUs and NCCL on
 GPUs unchanged; on CUDA the parameters compute in bf16 with fp32 gradient
 reductions and fp32 master weights (``MixedPrecisionPolicy``).
 
-Everything that leaves a rank goes through the full-state helpers of
+Weights that leave a rank whole go through the full-state helpers of
 ``torch.distributed.checkpoint.state_dict``, which gather the shards (on rank 0,
-on the CPU): the best epoch's weights, the checkpoint's model and optimizer
-state, the returned weights.  A checkpoint so holds the whole training state,
-keyed by parameter name, and resumes on any number of ranks, with either
-strategy or none.
+on the CPU): the best epoch's weights, the checkpoint's ``model.xorbit``, the
+returned weights.  The training state of a sharded run is written with
+``torch.distributed.checkpoint`` instead (`save_sharded`): every rank writes
+its own shards of the model and the AdamW state, in parallel, and nothing is
+gathered; `load_sharded` reads them back resharded to any number of ranks,
+with either strategy or in one process.  Unsharded runs write the whole
+state in ``state.pt``, the optimizer keyed by parameter name
+(`optimizer_state`), which resumes anywhere too.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -31,7 +36,9 @@ __all__ = [
     "full_model_state",
     "is_sharded",
     "load_optimizer_state",
+    "load_sharded",
     "optimizer_state",
+    "save_sharded",
     "set_model_state",
     "shard",
 ]
@@ -140,3 +147,37 @@ def load_optimizer_state(
     # skips when gradients are left over (from training this model before)
     optimizer.zero_grad(set_to_none=True)
     set_optimizer_state_dict(model, optimizer, saved, options=_options())
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Write the model and optimizer state with ``torch.distributed.checkpoint``:
+    each rank its own shards, in parallel (a collective: every rank calls it).
+
+    ``path`` is a new directory; the caller makes it the current checkpoint only
+    once this returns on every rank (`xorbit.training.loop` names it by epoch
+    and switches ``state.pt`` to it), so a crash leaves the previous one whole.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Fill ``model`` and ``optimizer`` from `save_sharded`'s directory, resharded to
+    this run's ranks (any number, sharded or not; in one process too)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"the sharded training state {str(path)!r} is missing")
+    optimizer.zero_grad(set_to_none=True)  # see load_optimizer_state
+    model_state, optim_state = get_state_dict(model, optimizer)
+    # filled in place by dcp.load
+    dcp.load(
+        {"model": model_state, "optimizer": optim_state},
+        checkpoint_id=str(path),
+        no_dist=not torch.distributed.is_initialized(),  # one process reads every shard
+    )
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
