@@ -201,21 +201,48 @@ def test_fsdp_without_a_cluster_is_refused_by_name():
         train(coarsen(fine, 4), fine, strategy="zero", epochs=1, progress=False)
 
 
-def test_a_rank_shards_its_own_model_and_leaves_the_scattered_one_picklable():
-    # fully_shard makes the model an unpicklable class: sharding the scattered
-    # Downscaler in place failed the worker's spilling to disk (a worker with a
-    # memory limit, 126m on 2.6 GB)
+def test_each_rank_is_sent_its_shards_and_the_architecture_only():
+    # no rank receives the whole model; what is scattered stays picklable (a
+    # model fully_shard has changed is not, and a worker under a memory limit
+    # spills what it holds: that failed the 126m run on 2.6 GB)
     import pickle
 
-    from xorbit.training.distributed import _take_model
+    from xorbit.training.sharding import hollow, split_state
 
     dsr, _, _ = ddp_pieces()
-    before = weights(dsr)
-    pointers = {k: v.untyped_storage().data_ptr() for k, v in dsr.model.state_dict().items()}
-    own = _take_model(dsr)
-    assert max_diff(before, weights(own)) == 0.0
-    # the very tensors, no second copy; the scattered one keeps shapes only
-    after = {k: v.untyped_storage().data_ptr() for k, v in own.model.state_dict().items()}
-    assert after == pointers
-    assert {p.device.type for p in dsr.model.parameters()} == {"meta"}
-    assert pickle.loads(pickle.dumps(dsr)).config == own.config
+    dsr.model.pos_embed.requires_grad_(False)
+    parts = split_state(dsr.model, 3)
+    state = dsr.model.state_dict()
+    for name, tensor in state.items():
+        if name in dict(dsr.model.named_buffers()):
+            assert all(torch.equal(p[name], tensor) for p in parts)
+        else:  # the pieces put back together are the tensor
+            assert torch.equal(torch.cat([p[name] for p in parts]), tensor), name
+    assert (
+        sum(p["blocks.0.attn.qkv.weight"].numel() for p in parts)
+        == state["blocks.0.attn.qkv.weight"].numel()
+    )
+    assert parts[2]["var_query"].shape[0] == 0  # one row for three ranks
+    empty = hollow(dsr.model)
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert not empty.pos_embed.requires_grad and empty.var_query.requires_grad
+    assert pickle.loads(pickle.dumps(empty)).config == dsr.config
+
+
+@pytest.mark.distributed
+def test_each_rank_receives_its_own_part(client):
+    # scattered as dicts, every rank's part had the same Dask keys (the
+    # parameter names): rank 1 could get rank 0's shards
+    from xorbit.training.distributed import _scatter_parts
+    from xorbit.training.sharding import split_state
+
+    dsr, _, _ = ddp_pieces()
+    workers = sorted(client.scheduler_info()["workers"])
+    want = split_state(dsr.model, 2)
+    assert want[0]["var_query"].shape != want[1]["var_query"].shape
+    futures = _scatter_parts(client, dsr, workers)
+    assert futures[0].key != futures[1].key
+    for part, future, w in zip(want, futures, workers, strict=True):
+        assert client.who_has([future])[future.key] == (w,)
+        got = future.result()
+        assert set(got) == set(part) and all(torch.equal(part[k], got[k]) for k in part)

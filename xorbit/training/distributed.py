@@ -40,7 +40,7 @@ import logging
 import os
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -220,24 +220,6 @@ def _strategy(
     return name
 
 
-def _take_model(dsr: Downscaler) -> Downscaler:
-    """A copy of ``dsr`` whose model takes over the weights of ``dsr``'s, which is left
-    on ``meta``.
-
-    ``fully_shard`` turns a model into a class of its own, which cannot be
-    pickled: sharding the scattered object in place broke the worker's
-    spilling of it to disk under memory pressure.  Taking the tensors over
-    keeps one copy of the weights in the process.
-    """
-    from ..model.reslim import Reslim
-
-    with torch.device("meta"):
-        model = Reslim(dsr.config)
-    model.load_state_dict(dsr.model.state_dict(), assign=True)
-    dsr.model.to("meta")
-    return dataclasses.replace(dsr, model=model)
-
-
 def _rank_main(
     rank: int,
     world_size: int,
@@ -251,17 +233,17 @@ def _rank_main(
     stop_after: int | None,
     threads: int | None,
     gpu: int = 0,
+    part: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """One rank: join the group, `fit`, return what the client needs of this rank.
 
     ``gpu``: the index, among the devices this worker sees, of the rank's GPU
-    (`_gpu_indices`).
+    (`_gpu_indices`).  ``part``: with FSDP, this rank's shards of the weights
+    (`sharding.split_state`); ``dsr``'s model then has its tensors on ``meta``.
     """
     import torch.distributed as dist
 
     use_cuda = opts.device.startswith("cuda")
-    if opts.strategy == "fsdp":
-        dsr = _take_model(dsr)
     if use_cuda:
         torch.cuda.set_device(gpu % torch.cuda.device_count())
         opts = opts.replace(device=f"cuda:{torch.cuda.current_device()}")
@@ -278,12 +260,21 @@ def _rank_main(
         timeout=timeout,
     )
     try:
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+        if part is not None:
+            # a model of its own built on meta, sharded, then this rank's shards
+            # filled in: the whole model never exists here, and the scattered
+            # object stays picklable (fully_shard makes a class pickle cannot
+            # find, and a worker under a memory limit spills what it holds)
+            model = sharding.shard_from_parts(
+                sharding.hollow(dsr.model), part, world_size, torch.device(opts.device)
+            )
+            dsr = dataclasses.replace(dsr, model=model)
+        else:
 
-        def wrap(model: torch.nn.Module) -> torch.nn.Module:
-            if opts.strategy == "fsdp":
-                return sharding.shard(model, world_size, torch.device(opts.device))
-            ids = [torch.cuda.current_device()] if use_cuda else None
-            return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            def wrap(model: torch.nn.Module) -> torch.nn.Module:
+                ids = [torch.cuda.current_device()] if use_cuda else None
+                return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
         with torch_threads(threads, cap=False):
             used = torch.get_num_threads()
@@ -307,6 +298,16 @@ def _rank_main(
     if rank == 0:
         result["state"] = state
     return result
+
+
+def _scatter_parts(client: Any, dsr: Downscaler, workers: Sequence[str]) -> list[Any]:
+    """Futures of each rank's `sharding.split_state` part, each on its rank's worker."""
+    # in a list: a dict scattered alone has its keys taken for the Dask keys,
+    # which every rank's part shares (ranks got each other's shards)
+    return [
+        client.scatter([part], workers=[w], hash=False)[0]
+        for part, w in zip(sharding.split_state(dsr.model, len(workers)), workers, strict=True)
+    ]
 
 
 def fit_distributed(
@@ -353,7 +354,14 @@ def fit_distributed(
     run_id = uuid.uuid4().hex[:8]
     # fresh keys: content-hashed ones would be those of a previous call on the
     # same data, whose release can still be under way (the scatter then hangs)
-    shared = client.scatter([dsr, train, val], broadcast=True, hash=False)
+    parts: list[Any] = [None] * world
+    if opts.strategy == "fsdp":
+        # each rank gets its shards only, and the model's architecture on meta
+        parts = _scatter_parts(client, dsr, workers)
+        sent = dataclasses.replace(dsr, model=sharding.hollow(dsr.model))
+    else:
+        sent = dsr
+    shared = client.scatter([sent, train, val], broadcast=True, hash=False)
     futures = [
         client.submit(
             _rank_main,
@@ -367,6 +375,7 @@ def fit_distributed(
             stop_after,
             shares.get(w),
             gpus[w],
+            parts[rank],
             workers=[w],
             allow_other_workers=False,
             pure=False,

@@ -431,7 +431,7 @@ def fit(
     model.checkpoint_activations = bool(opts.checkpoint_activations)
     _freeze(dsr, model)  # before DDP, which registers the parameters that train
     if resume is not None and "model" in resume:
-        model.load_state_dict(resume["model"])  # before sharding: every rank has it
+        set_model_state(model, resume["model"])  # every rank has the whole state
     net = wrap(model) if wrap is not None else model
     run = _Run.start(dsr, model, len(train), opts, world_size)
     if resume is not None:

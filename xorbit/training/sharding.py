@@ -26,14 +26,20 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from ..model.reslim import Reslim
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 __all__ = [
     "STRATEGIES",
     "check_strategy",
     "full_model_state",
+    "hollow",
     "is_sharded",
     "load_optimizer_state",
     "load_sharded",
@@ -41,6 +47,8 @@ __all__ = [
     "save_sharded",
     "set_model_state",
     "shard",
+    "shard_from_parts",
+    "split_state",
 ]
 
 STRATEGIES = ("ddp", "fsdp", "auto")
@@ -60,7 +68,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard(model: torch.nn.Module, world_size: int, device: torch.device) -> torch.nn.Module:
+def shard(model: M, world_size: int, device: torch.device) -> M:
     """``fully_shard`` each of ``model.blocks``, then ``model`` (in place; returned).
 
     The process group must be initialized.  On CUDA the parameters are cast to
@@ -175,9 +183,70 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path:
     optimizer.zero_grad(set_to_none=True)  # see load_optimizer_state
     model_state, optim_state = get_state_dict(model, optimizer)
     # filled in place by dcp.load
-    dcp.load(
-        {"model": model_state, "optimizer": optim_state},
-        checkpoint_id=str(path),
-        no_dist=not torch.distributed.is_initialized(),  # one process reads every shard
-    )
+    alone = not torch.distributed.is_initialized()  # one process reads every shard
+    with warnings.catch_warnings():
+        # torch warns that it "assumes" one process: that is the case here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(
+            {"model": model_state, "optimizer": optim_state},
+            checkpoint_id=str(path),
+            no_dist=alone,
+        )
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def split_state(model: torch.nn.Module, world_size: int) -> list[dict[str, torch.Tensor]]:
+    """Each rank's part of ``model``'s weights as `shard` lays them out: every
+    parameter cut along its first dimension as ``torch.chunk`` cuts it (a rank
+    past the last chunk gets an empty one), buffers whole.  The client sends
+    each rank only its part, so no rank receives the whole model."""
+    buffers = dict(model.named_buffers())
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(world_size)]
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if name in buffers:
+            for part in parts:
+                part[name] = tensor
+            continue
+        chunks = list(torch.chunk(tensor, world_size, dim=0))
+        for r, part in enumerate(parts):
+            part[name] = chunks[r].clone() if r < len(chunks) else tensor[:0].clone()
+    return parts
+
+
+def hollow(model: Reslim) -> Reslim:
+    """A copy of a `Reslim` with its tensors on ``meta``: the architecture, no weights."""
+    from ..model.reslim import Reslim
+
+    with torch.device("meta"):
+        empty = Reslim(model.config)
+    for name, param in model.named_parameters():  # frozen flags travel
+        empty.get_parameter(name).requires_grad_(param.requires_grad)
+    return empty
+
+
+def shard_from_parts(
+    model: M, part: dict[str, torch.Tensor], world_size: int, device: torch.device
+) -> M:
+    """`shard` a model built on ``meta``, then give this rank's shards the values of
+    its `split_state` part (in place; returned).  ``part`` is consumed: emptied."""
+    shard(model, world_size, device)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in part.items():
+            if name in params:
+                local = cast(Any, params[name]).to_local()  # a DTensor shard
+                if local.shape != value.shape:
+                    raise RuntimeError(
+                        f"the shard of {name!r} has shape {tuple(local.shape)} on this rank, "
+                        f"the client sent {tuple(value.shape)}"
+                    )
+                local.copy_(value)
+            else:
+                buffers[name].copy_(value)
+    # emptied in place: the worker's store holds this very dict (the scattered
+    # part) for as long as the run lasts, and would keep a second copy alive
+    part.clear()
+    return model
