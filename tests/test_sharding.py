@@ -246,3 +246,26 @@ def test_each_rank_receives_its_own_part(client):
         assert client.who_has([future])[future.key] == (w,)
         got = future.result()
         assert set(got) == set(part) and all(torch.equal(part[k], got[k]) for k in part)
+
+
+def test_auto_takes_fsdp_where_only_it_fits_and_says_so(caplog):
+    import types
+
+    from xorbit.training.distributed import _nbytes, _strategy
+
+    _, crops, val = ddp_pieces()
+    # only the config is read: a 126m one, whose DDP state is far larger than FSDP's
+    cfg = xorbit.ReslimConfig.preset("126m", in_vars=["tas"], out_vars=["tas"])
+    dsr = types.SimpleNamespace(config=cfg)
+    kw = dict(batch_size=4, workers=2, data_bytes=_nbytes(crops) + _nbytes(val))
+    ddp = plan(cfg, strategy="ddp", **kw).total
+    fsdp = plan(cfg, strategy="fsdp", **kw).total
+    assert fsdp < ddp
+    info = {w: {"memory_limit": (ddp + fsdp) // 2} for w in ("tcp://a:1", "tcp://b:1")}
+    opts = TrainOptions(batch_size=4, strategy="auto")
+    with caplog.at_level("WARNING", logger="xorbit.training.distributed"):
+        assert _strategy(None, dsr, crops, val, opts, info, sorted(info)) == "fsdp"
+    assert "DDP would not fit, training with FSDP" in caplog.text
+    assert "gathered unit" in caplog.text  # the plan, in the message
+    with pytest.raises(MemoryError, match="strategy='fsdp'"):
+        _strategy(None, dsr, crops, val, opts.replace(strategy="ddp"), info, sorted(info))
