@@ -268,3 +268,22 @@ def test_an_imported_reference_model_fine_tunes(new_region):
     assert tuned.provenance["pretrained"] and not tuned.provenance["new"]
     out = coarse.orbit.downscale(tuned)
     assert np.isfinite(out.values).all()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_fine_tuning_on_two_ranks_matches_one_process(pretrained_dsr, new_region, client, strategy):
+    # frozen parameters and the second learning-rate group reach every rank
+    # (frozen flags are set on each rank's own model: sent whole with DDP, on
+    # meta with FSDP)
+    coarse, fine = new_region
+    kw = dict(init=pretrained_dsr, freeze="blocks", seed=0, gate=False, **KW)
+    kw["pretrained_lr_scale"] = 0.3
+    one = xorbit.train(coarse, fine, **kw)
+    two = xorbit.train(coarse, fine, client=client, strategy=strategy, **kw)
+    src, got = pretrained_dsr.model.state_dict(), two.model.state_dict()
+    assert torch.equal(got["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(got["head.0.weight"], src["head.0.weight"])
+    scale = max(float(v.abs().max()) for v in weights(one).values())
+    assert max_diff(weights(one), weights(two)) < 1e-5 * scale
+    assert two.provenance["frozen"] == one.provenance["frozen"]
