@@ -269,3 +269,29 @@ def test_auto_takes_fsdp_where_only_it_fits_and_says_so(caplog):
     assert "gathered unit" in caplog.text  # the plan, in the message
     with pytest.raises(MemoryError, match="strategy='fsdp'"):
         _strategy(None, dsr, crops, val, opts.replace(strategy="ddp"), info, sorted(info))
+
+
+def test_adaptive_tokens_are_planned_as_the_uniform_ones_they_never_outnumber():
+    # their partition depends on the data: on meta it raised, and with it every
+    # training run on a cluster ("auto" plans each one)
+    base = dict(in_vars=["tas"], out_vars=["tas"])
+    uniform = plan(xorbit.ReslimConfig.preset("tiny", **base), batch_size=2)
+    adaptive = plan(xorbit.ReslimConfig.preset("tiny", tokens="adaptive", **base), batch_size=2)
+    assert adaptive.parts["activations"] == uniform.parts["activations"]
+    assert adaptive.parameters > uniform.parameters  # its leaf embedding
+
+
+def test_a_model_the_plan_cannot_measure_still_trains(monkeypatch, caplog):
+    from xorbit.training import distributed as d
+
+    def cannot(*args, **kwargs):
+        raise NotImplementedError("no meta kernel for aten::frobnicate")
+
+    monkeypatch.setattr(d, "choose_strategy", cannot)
+    dsr, crops, val = ddp_pieces()
+    info = {"tcp://a:1": {"memory_limit": 2**40}}
+    with caplog.at_level("WARNING", logger="xorbit.training.distributed"):
+        assert d._strategy(None, dsr, crops, val, TrainOptions(), info, list(info)) == "ddp"
+        opts = TrainOptions(strategy="fsdp")
+        assert d._strategy(None, dsr, crops, val, opts, info, list(info)) == "fsdp"
+    assert "no memory plan for this model (no meta kernel for aten::frobnicate)" in caplog.text

@@ -205,16 +205,22 @@ def _strategy(
     else:
         limits = [int(info[w].get("memory_limit") or 0) for w in workers]
         limit = min(limits) if all(limits) else None
-    name, memory = choose_strategy(
-        dsr.config,
-        opts.strategy,
-        batch_size=opts.batch_size,
-        workers=len(workers),
-        limit=limit,
-        precision="bf16" if cuda else "fp32",
-        checkpoint_activations=opts.checkpoint_activations,
-        data_bytes=0 if cuda else _nbytes(train) + _nbytes(val),
-    )
+    try:
+        name, memory = choose_strategy(
+            dsr.config,
+            opts.strategy,
+            batch_size=opts.batch_size,
+            workers=len(workers),
+            limit=limit,
+            precision="bf16" if cuda else "fp32",
+            checkpoint_activations=opts.checkpoint_activations,
+            data_bytes=0 if cuda else _nbytes(train) + _nbytes(val),
+        )
+    except (NotImplementedError, RuntimeError) as err:
+        # a model the meta device cannot run: no plan, not a reason to stop
+        name = "ddp" if opts.strategy == "auto" else opts.strategy
+        logger.warning("no memory plan for this model (%s): training with %s", err, name)
+        return name
     if opts.strategy == "auto" and name == "fsdp":
         logger.warning("strategy='auto': DDP would not fit, training with FSDP\n%s", memory)
     return name

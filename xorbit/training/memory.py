@@ -188,14 +188,20 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: Any
 
 
 def _measure(config: ReslimConfig, img_size: Sequence[int] | None) -> _Measured:
-    """Parameter counts and saved-activation bytes (fp32, one sample) on ``meta``."""
+    """Parameter counts and saved-activation bytes (fp32, one sample) on ``meta``.
+
+    Adaptive tokens depend on the data (no ``meta`` kernel can say how many):
+    they are planned as the uniform tokens, which they never outnumber.
+    """
     from ..model.reslim import Reslim
 
     with torch.device("meta"):
         model = Reslim(config)
-    model.train()
-    owned = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    blocks = list(model.blocks)
+        # the forward that is measured: the uniform tokens of an adaptive model
+        runner = Reslim(config.replace(tokens="uniform")) if config.tokens == "adaptive" else model
+    runner.train()
+    owned = {t.untyped_storage()._cdata for t in [*runner.parameters(), *runner.buffers()]}
+    blocks = list(runner.blocks)
     block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -228,7 +234,7 @@ def _measure(config: ReslimConfig, img_size: Sequence[int] | None) -> _Measured:
             # weights; CPU and CUDA run a fused kernel, which does not
             unittest.mock.patch.object(F, "scaled_dot_product_attention", _fused_attention),
         ):
-            model(x, config.in_vars)
+            runner(x, config.in_vars)
     finally:
         for handle in handles:
             handle.remove()
