@@ -30,7 +30,7 @@ How to run
     .venv/bin/python benchmarks/bench_orographic.py                  # 3 seeds, 40 epochs (~45 min)
     .venv/bin/python benchmarks/bench_orographic.py --ablation-seeds 3   # every ablation, every seed
     .venv/bin/python benchmarks/bench_orographic.py --seeds 0 --epochs 10 --no-ablation
-    .venv/bin/python benchmarks/bench_orographic.py --seeds 0 --no-ablation --augment none --epochs 300 [--no-gate]
+    .venv/bin/python benchmarks/bench_orographic.py --seeds 0 --no-ablation --augment none --epochs 300 [--no-gate] [--cross-fit 5]
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--augment", default=None, help="TrainOptions.augment (library default: auto)")
     ap.add_argument("--crops-per-time", type=int, default=None)
     ap.add_argument("--no-gate", action="store_true", help="keep the correction (gate=False)")
+    ap.add_argument("--cross-fit", type=int, default=None, help="TrainOptions.cross_fit")
     ap.add_argument(
         "--ablation-seeds",
         type=int,
@@ -131,6 +132,7 @@ def main() -> None:
             augment=args.augment,
             crops_per_time=args.crops_per_time,
             gate=False if args.no_gate else None,
+            cross_fit=args.cross_fit,
         )
         options |= train_kw
         options = {k: v for k, v in options.items() if v is not None}

@@ -187,3 +187,28 @@ def test_a_short_record_does_not_keep_a_path_that_extrapolates_badly():
     short = xorbit.train(coarsen(few, 4), few, cfg, epochs=1, progress=False, device="cpu")
     assert float(short.model.linear.coef.abs().sum()) == 0.0
     assert not any("gate_rmse_ratio" in h for h in short.history)
+
+
+def test_cross_fitting_shows_the_network_out_of_fold_residuals():
+    from xorbit.training import linear
+    from xorbit.training.samples import pair_arrays
+
+    coarse, fine = nonlinear_pair(nt=20)
+    mean, std = {"tas": float(fine.mean())}, {"tas": float(fine.std())}
+    data = pair_arrays(coarse, fine, ["tas"], ["tas"], 4, mean, std)
+    cfg = small_config(linear_window=(8, 8), linear_half=None)
+    model = xorbit.Downscaler.from_config(cfg, seed=0, mean=mean, std=std).model
+    linear.fit_linear_path(model, data)
+    coef = model.linear.coef.clone()
+    assert linear.cross_fitted(model, data, 0) is data  # off by default
+    moved = linear.cross_fitted(model, data, 4)
+    assert torch.equal(model.linear.coef, coef)  # the model's own path stays
+    # fold 1 (time steps 5-9): the target plus the path minus the path fitted without them
+    other = xorbit.Downscaler.from_config(cfg, seed=0, mean=mean, std=std).model
+    linear.fit_linear_path(other, data.select(np.r_[0:5, 10:20]))
+    x = torch.from_numpy(data.coarse[5:10].astype(np.float32))
+    with torch.no_grad():
+        want = model.linear_map(x, ["tas"]) - other.linear_map(x, ["tas"])
+    np.testing.assert_allclose(moved.fine[5:10] - data.fine[5:10], want.numpy(), atol=1e-5)
+    # in sample the path fits better than out of fold: the shift is not zero
+    assert float(np.abs(moved.fine - data.fine).mean()) > 1e-3

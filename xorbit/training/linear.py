@@ -11,7 +11,9 @@ top, starting from zero.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +96,36 @@ def fit_linear_path(
     return fit
 
 
+def cross_fitted(model: Reslim, data: PairedArrays, folds: int) -> PairedArrays:
+    """``data`` with each target moved by the model's path minus an out-of-fold path.
+
+    Experimental (``TrainOptions.cross_fit``).  The network learns the residual
+    of the path; on the path's own training years that residual is the small
+    in-sample one (the orographic case: a local ridge scores 0.71 mm/day there,
+    1.34 on new samples), mostly the path's overfitting.  Shifting each target
+    by ``path(x) - path_without_its_fold(x)`` shows the network the residual of
+    a path that has not seen the sample, with ``folds`` contiguous blocks of
+    time steps.  The model's own path (fitted on all of ``data``) is unchanged.
+    In-memory data whose whole grid is one linear window only (else ``data``).
+    """
+    c = model.config
+    h, w = data.coarse.shape[-2:]
+    whole = c.linear_window is not None and (h, w) == tuple(c.linear_window)
+    if folds < 2 or len(data) < 2 * folds or not whole or not isinstance(data.fine, np.ndarray):
+        return data
+    x = torch.from_numpy(np.nan_to_num(np.asarray(data.coarse, dtype=np.float32)))
+    with torch.no_grad():
+        full = model.linear_map(x, c.in_vars)
+        out = torch.empty_like(full)
+        bounds = np.linspace(0, len(data), folds + 1).round().astype(int)
+        for a, b in itertools.pairwise(bounds):
+            other = copy.deepcopy(model)
+            fit_linear_path(other, data.select(np.r_[0:a, b : len(data)]))
+            out[a:b] = other.linear_map(x[a:b], c.in_vars)
+    shift = (full - out).numpy().astype(data.fine.dtype)
+    return dataclasses.replace(data, fine=data.fine + shift)
+
+
 # The gate's validation: the last GATE_BLOCK of the training years, held out
 # for the first GATE_EPOCHS of the epochs.  With fewer than GATE_MIN_STEPS
 # years left to train on there is no decision and no path: a ridge map from
@@ -153,7 +185,7 @@ def fit_gated(
     block = years.select(np.arange(n - n_block, n))
     fit_linear_path(model, early)
     first = copy.copy(crops)
-    first.data = early
+    first.data = cross_fitted(model, early, opts.cross_fit)
     e1 = max(1, round(GATE_EPOCHS * opts.epochs))
     history = run(first, None, opts, e1 if e1 < opts.epochs else None)
     score = functools.partial(_block_rmse, dsr, block, opts)
@@ -177,7 +209,9 @@ def fit_gated(
             e1, int(opts.warmup_epochs), opts.epochs, opts.lr, opts.warmup_start_lr, opts.min_lr
         )
         rest = opts.replace(epochs=opts.epochs - e1, lr=peak, warmup_epochs=0)
-        more = run(crops, None, rest, None)
+        final = copy.copy(crops)
+        final.data = cross_fitted(model, years, opts.cross_fit)
+        more = run(final, None, rest, None)
         for record in more:
             record["epoch"] += e1
         history += more

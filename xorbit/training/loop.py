@@ -136,6 +136,10 @@ class TrainOptions:
     # `xorbit.training.sharding`), or "auto" (FSDP when `plan` says one rank's
     # whole training state would not fit its worker's memory)
     strategy: str = "auto"
+    # experimental: train the network on out-of-fold residuals of the linear
+    # path, ``cross_fit`` blocks of years (`xorbit.training.linear.cross_fitted`);
+    # 0: off
+    cross_fit: int = 0
     # recompute each transformer block's activations in backward (less memory,
     # about a third more compute)
     checkpoint_activations: bool = False
