@@ -46,6 +46,7 @@ from ..regrid import upsample_array
 from .samples import CropMix, PairedArrays, PairedCrops
 from .sharding import (
     full_model_state,
+    hollow,
     is_sharded,
     load_optimizer_state,
     load_sharded,
@@ -479,10 +480,7 @@ def _save_downscaler(dsr: Downscaler, model: torch.nn.Module, path: Path, rank: 
 
 def whole_model_copy(dsr: Downscaler, state: dict[str, torch.Tensor]) -> Downscaler:
     """``dsr`` with an unsharded `Reslim` holding ``state`` (built on meta: no copy made)."""
-    from ..model.reslim import Reslim
-
-    with torch.device("meta"):
-        plain = Reslim(dsr.config)
+    plain = hollow(dsr.model)
     plain.load_state_dict(state, assign=True)
     return dataclasses.replace(dsr, model=plain.eval())
 
@@ -739,13 +737,10 @@ def _checkpoint(
         shards = ckpt_dir / f"state-{epoch + 1}.dcp"
         save_sharded(model, run.optimizer, shards)  # collectives: every rank
         state[SHARDED_KEY] = shards.name
-        weights = full_model_state(model)
-        if rank == 0:
-            whole_model_copy(dsr, weights).save(ckpt_dir / MODEL_FILE)
     elif rank == 0:
         state["model"] = full_model_state(model, copy=False)
         state["optimizer"] = optimizer_state(model, run.optimizer)
-        dsr.save(ckpt_dir / MODEL_FILE)
+    _save_downscaler(dsr, model, ckpt_dir / MODEL_FILE, rank)
     if rank != 0:
         return
     _save_state(

@@ -25,6 +25,8 @@ The figures were checked against the peak memory of real runs
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import unittest.mock
 from collections.abc import Sequence
@@ -188,6 +190,14 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_: Any
 
 
 def _measure(config: ReslimConfig, img_size: Sequence[int] | None) -> _Measured:
+    """`_measured` of ``config`` on ``img_size`` (default its own), once per config:
+    ``"auto"`` plans both strategies, and a gated run plans each of its two fits."""
+    window = tuple(int(n) for n in (img_size or config.img_size))
+    return _measured(json.dumps(config.to_dict(), sort_keys=True), window)
+
+
+@functools.lru_cache(maxsize=32)
+def _measured(config_json: str, window: tuple[int, ...]) -> _Measured:
     """Parameter counts and saved-activation bytes (fp32, one sample) on ``meta``.
 
     Adaptive tokens depend on the data (no ``meta`` kernel can say how many):
@@ -195,6 +205,7 @@ def _measure(config: ReslimConfig, img_size: Sequence[int] | None) -> _Measured:
     """
     from ..model.reslim import Reslim
 
+    config = ReslimConfig.from_dict(json.loads(config_json))
     with torch.device("meta"):
         model = Reslim(config)
         # the forward that is measured: the uniform tokens of an adaptive model
@@ -225,7 +236,7 @@ def _measure(config: ReslimConfig, img_size: Sequence[int] | None) -> _Measured:
 
     handles = [b.register_forward_pre_hook(enter) for b in blocks]
     handles += [b.register_forward_hook(leave) for b in blocks]
-    h, w = img_size or config.img_size
+    h, w = window
     x = torch.zeros(1, len(config.in_vars), int(h), int(w), device="meta")
     try:
         with (
