@@ -341,6 +341,7 @@ def test_evaluate_returns_every_score_per_variable():
     assert list(scores.variable.values) == ["tas"]
     deterministic = {"rmse", "rmse_latw", "mae", "mae_latw", "bias", "r2", "pearson"}
     maps_and_time = {"ssim", "psnr", "ralsd", "anomaly_r2", "p99_bias", "p99_bias_latw"}
+    maps_and_time.add("gradient_energy_ratio")
     # no trend: the time axis holds step numbers, not dates
     expected_keys = {*deterministic, *maps_and_time, "p01_bias", "p01_bias_latw"}
     assert set(scores.data_vars) == expected_keys | {"rmse_baseline", "skill_rmse"}
@@ -354,6 +355,11 @@ def test_evaluate_returns_every_score_per_variable():
     w = cos_lat(truth, p.shape)
     latw = np.sqrt(np.sum(w * (p - t) ** 2) / np.sum(w))
     assert float(s.rmse_latw) == pytest.approx(latw, rel=1e-5)
+
+    def roughness(a):
+        return np.mean(np.diff(a, axis=-2) ** 2) + np.mean(np.diff(a, axis=-1) ** 2)
+
+    assert float(s.gradient_energy_ratio) == pytest.approx(roughness(p) / roughness(t), rel=1e-5)
     assert scores.rmse.attrs["units"] == "K"
     assert scores.ralsd.attrs["units"] == "dB"
     assert float(pearson(truth, truth)) == pytest.approx(1.0)

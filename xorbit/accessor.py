@@ -203,7 +203,7 @@ def downscale(
     )
     # MC-dropout members: a new leading "sample" dimension (the engine's axis 0)
     ens = () if samples is None else (SAMPLE_DIM,)
-    note = None if samples is None else _ensemble_note(samples, seed)
+    note = None if samples is None else _ensemble_note(samples, seed, cfg.noise_channels > 0)
 
     fine_coords = grid.fine_grid(arrays[cfg.in_vars.index(cfg.out_vars[0])], k, ydim, xdim)
     # a DataArray cannot hold (dim, bnds) coordinates: bounds go with Datasets,
@@ -215,7 +215,7 @@ def downscale(
         coord.attrs.pop("bounds", None)
         array_coords[name] = coord
     result_coords = (
-        {**array_coords, SAMPLE_DIM: _sample_coord(samples)}
+        {**array_coords, SAMPLE_DIM: _sample_coord(samples, cfg.noise_channels > 0)}
         if samples is not None
         else array_coords
     )
@@ -377,16 +377,18 @@ def _history(
     return f"{previous}\n{line}" if previous else line
 
 
-def _ensemble_note(samples: int, seed: int) -> str:
-    return f"{samples} MC-dropout samples along {SAMPLE_DIM!r} (seed {seed})"
+def _ensemble_note(samples: int, seed: int, stochastic: bool = False) -> str:
+    kind = "members of the stochastic model" if stochastic else "MC-dropout samples"
+    return f"{samples} {kind} along {SAMPLE_DIM!r} (seed {seed})"
 
 
-def _sample_coord(samples: int) -> xr.DataArray:
+def _sample_coord(samples: int, stochastic: bool = False) -> xr.DataArray:
+    kind = "stochastic-model" if stochastic else "MC-dropout"
     return xr.DataArray(
         np.arange(samples),
         dims=SAMPLE_DIM,
         # CF's name for an ensemble member axis
-        attrs={"standard_name": "realization", "long_name": "MC-dropout ensemble member"},
+        attrs={"standard_name": "realization", "long_name": f"{kind} ensemble member"},
     )
 
 
@@ -451,14 +453,16 @@ class _OrbitBase:
             ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU), ``"fp32"``,
             ``"bf16"`` or ``"fp16"``.
         samples
-            ``N``: an MC-dropout ensemble of ``N`` members along a new leading
-            dimension ``sample`` (coordinate ``0 .. N-1``): the model runs ``N``
-            times with its dropout layers drawing masks, everything else as in
-            evaluation.  Costs ``N`` deterministic downscales.  Needs a model
-            trained with dropout.  ``None`` (default): one deterministic output.
+            ``N``: an ensemble of ``N`` members along a new leading dimension
+            ``sample`` (coordinate ``0 .. N-1``), one forward pass each (``N``
+            deterministic downscales).  A stochastic model
+            (``xorbit.train(..., ensemble=M)``) draws one noise field per
+            member for the whole domain; any other model needs dropout, and
+            its members are MC-dropout draws.  ``None`` (default): one
+            deterministic output (a stochastic model's member at zero noise).
         seed
-            Seed of the members' dropout masks; the members depend on it and on
-            nothing else (not on chunks, ``batch_size`` or laziness).
+            Seed of the members' noise or dropout masks; the members depend on
+            it and on nothing else (not on chunks, ``batch_size`` or laziness).
         constrain
             Coarse consistency (`xorbit.model.constraints`): the mean of the
             output over each coarse cell equals the coarse input,

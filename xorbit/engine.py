@@ -230,13 +230,15 @@ def run_model(
     precision: str = "auto",
     res_km: float | torch.Tensor | None = None,
     seeds: Sequence[int] | None = None,
+    noise: np.ndarray | None = None,
 ) -> np.ndarray:
     """Model forward over ``x [N, C, h, w]`` in batches; float32 numpy out.
 
     ``res_km``: the input grid's spacing for the resolution embedding (``None``:
     the config's).  ``seeds``: one per sample of ``x`` to sample dropout masks
     (MC dropout, `xorbit.model.mc.mc_dropout`), each sample from its own seed
-    whatever the batch; ``None``: deterministic.
+    whatever the batch; ``None``: deterministic.  ``noise``: a stochastic
+    model's noise ``[N, noise_channels, h, w]`` (`window_noise`); ``None``: zeros.
     """
     dev = torch.device(device)
     amp = _autocast(dev, precision)
@@ -248,9 +250,83 @@ def run_model(
         for i in range(0, x.shape[0], step):
             xb = torch.from_numpy(np.ascontiguousarray(x[i : i + step])).to(dev)
             mc = nullcontext() if seeds is None else mc_dropout(model, seeds[i : i + step])
+            kw = {} if noise is None else {"noise": torch.from_numpy(noise[i : i + step]).to(dev)}
             with mc:
-                outs.append(model(xb, variables, res_km=res_km).float().cpu().numpy())
+                outs.append(model(xb, variables, res_km=res_km, **kw).float().cpu().numpy())
     return np.concatenate(outs, axis=0)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on ``uint64`` arrays (wrapping arithmetic)."""
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def field_noise(
+    key: int, channels: int, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray:
+    """Standard normal noise ``[channels, len(rows), len(cols)]``, float32, a pure
+    function of ``key`` and each pixel's global ``(row, col)`` (taken modulo the
+    grid's ``shape``, so a halo that wraps around a periodic axis, or one padded
+    past an edge, reads the same values as the pixels it stands for).
+
+    A counter-based generator: SplitMix64 of the key mixed with the pixel's
+    index gives two uniforms, Box-Muller one normal.
+    """
+    ny, nx = (int(n) for n in shape)
+    r = np.asarray(rows, np.int64) % ny
+    c = np.asarray(cols, np.int64) % nx
+    ch = np.arange(int(channels), dtype=np.int64)
+    index = ((ch[:, None, None] * ny + r[None, :, None]) * nx + c[None, None, :]).astype(np.uint64)
+    k = np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF)
+    z1 = _mix(_mix(index * np.uint64(2)) ^ k)
+    z2 = _mix(_mix(index * np.uint64(2) + np.uint64(1)) ^ k)
+    scale = 2.0**-53
+    u1 = 1.0 - (z1 >> np.uint64(11)).astype(np.float64) * scale  # (0, 1]
+    u2 = (z2 >> np.uint64(11)).astype(np.float64) * scale
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+
+
+def window_noise(
+    seed: int,
+    member: int,
+    channels: int,
+    plan: TilePlan,
+    tiles: Sequence[tuple[int, int]],
+    lead_shape: Sequence[int],
+    lead_offset: Sequence[int],
+) -> np.ndarray:
+    """A stochastic model's noise for each window, ``[T * B, channels, wy, wx]`` in
+    ``predict_block``'s order (tile-major).
+
+    One field per member and sample along the leading dims (its key a hash of
+    ``seed``, ``member`` and the sample's global index), read at each window's
+    global pixels: overlapping windows see the same noise where they overlap,
+    so members are seamless across tiles and chunks.
+    """
+    ranges = [range(int(o), int(o) + int(n)) for o, n in zip(lead_offset, lead_shape, strict=True)]
+    leads = list(itertools.product(*ranges))
+    keys = [
+        int(
+            np.random.SeedSequence([seed, member, len(lead_shape), *lead]).generate_state(
+                1, np.uint64
+            )[0]
+        )
+        for lead in leads
+    ]
+    (hy, hx), (wy, wx) = plan.halo, plan.window
+    shape = (plan.y.size, plan.x.size)
+    out: list[np.ndarray] = []
+    for iy, ix in tiles:
+        rows = plan.y.starts[iy] - hy + np.arange(wy)
+        cols = plan.x.starts[ix] - hx + np.arange(wx)
+        out.extend(field_noise(k, channels, rows, cols, shape) for k in keys)
+    return np.stack(out) if out else np.zeros((0, channels, wy, wx), np.float32)
 
 
 def window_seeds(
@@ -331,10 +407,14 @@ def predict_block(
     tiles = plan.owned(origin[0], origin[0] + core_shape[0], origin[1], origin[1] + core_shape[1])
     windows = np.stack(list(split(flat, plan, origin, tiles)))  # [T, B, C, wy, wx]
     t, b = windows.shape[:2]
-    seeds = None
+    seeds = noise = None
     if mc is not None:
         offset = (0,) * len(lead) if lead_offset is None else tuple(lead_offset)
-        seeds = window_seeds(*mc, tiles, lead, offset)
+        n_noise = model.config.noise_channels
+        if n_noise:  # a stochastic model: one noise field per member
+            noise = window_noise(*mc, n_noise, plan, tiles, lead, offset)
+        else:  # MC dropout
+            seeds = window_seeds(*mc, tiles, lead, offset)
     pred = run_model(
         model,
         windows.reshape(t * b, *windows.shape[2:]),
@@ -344,6 +424,7 @@ def predict_block(
         precision=precision,
         res_km=res_km,
         seeds=seeds,
+        noise=noise,
     )
     pred = pred.reshape(t, b, *pred.shape[1:])
     partial = merge(list(pred), plan, origin, tiles, core_shape, dtype=np.float32)
@@ -538,9 +619,10 @@ def _members(cfg: ReslimConfig, samples: int | None, seed: int) -> list[tuple[in
         raise ValueError(f"samples must be a positive int (or None), got {samples!r}")
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if not cfg.drop_rate and not cfg.drop_path:
+    if not cfg.noise_channels and not cfg.drop_rate and not cfg.drop_path:
         raise ValueError(
-            "MC-dropout (samples=) needs a model trained with dropout, but this model has "
+            "samples= needs a stochastic model (xorbit.train(..., ensemble=M)) or MC "
+            "dropout from a model trained with dropout, but this model has "
             f"drop_rate={cfg.drop_rate} and drop_path={cfg.drop_path}; train one with "
             "drop_rate > 0 or drop_path > 0 in its ReslimConfig"
         )

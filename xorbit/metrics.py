@@ -40,6 +40,7 @@ __all__ = [
     "crps",
     "evaluate",
     "fractional_year",
+    "gradient_energy",
     "mae",
     "p01_bias",
     "p99_bias",
@@ -49,6 +50,8 @@ __all__ = [
     "quantile_bias",
     "r2",
     "ralsd",
+    "rank_flatness",
+    "rank_histogram",
     "rmse",
     "scale_spread",
     "spread_scale",
@@ -537,6 +540,55 @@ def spread_skill(
     return spread / _mean((mean - t) ** 2, dims, w) ** 0.5
 
 
+def rank_histogram(pred, truth, sample_dim: Hashable = "sample") -> xr.DataArray:
+    """Counts of the truth's rank among the ``n`` members, over ``rank`` 1 .. n + 1.
+
+    At every valid point (every time, pixel and variable) the truth is ranked
+    among the members (xskillscore's ``rank_histogram``; ties broken at random);
+    a calibrated ensemble gives a flat histogram, an over-confident one a U, a
+    biased one a slope.  `rank_flatness` sums it up in one number.  Loads the
+    fields.
+    """
+    import xskillscore as xs
+
+    n = _members(pred, truth, sample_dim, "rank_histogram")
+    p, t = _valid(pred, truth)
+    t = t.reset_coords(drop=True)
+    p = p.reset_coords(drop=True).transpose(sample_dim, *t.dims)
+    ok = np.isfinite(np.asarray(t.values)).ravel()
+    obs = xr.DataArray(np.asarray(t.values).ravel()[ok], dims="point")
+    ens = xr.DataArray(np.asarray(p.values).reshape(n, -1)[:, ok], dims=(sample_dim, "point"))
+    return xs.rank_histogram(obs, ens, dim="point", member_dim=str(sample_dim))
+
+
+def rank_flatness(pred, truth, sample_dim: Hashable = "sample") -> float:
+    """How far the `rank_histogram` is from flat: Candille and Talagrand's (2005) delta.
+
+    ``sum_i (s_i - N / (n + 1))² / (N n / (n + 1))`` over the ``n + 1`` bins of
+    ``N`` ranks: about 1 for a calibrated ensemble (the value a flat
+    histogram's sampling noise gives, for independent points), far above 1 for
+    an unreliable one.  Neighbouring pixels are not independent, so a
+    calibrated ensemble over a field scores somewhat above 1.
+    """
+    counts = np.asarray(rank_histogram(pred, truth, sample_dim).values, np.float64)
+    total, bins = counts.sum(), counts.size
+    return float(((counts - total / bins) ** 2).sum() / (total * (bins - 1) / bins))
+
+
+def gradient_energy(field) -> xr.DataArray:
+    """Mean squared difference between neighbouring pixels, per variable: how rough a field is.
+
+    ``mean(dy² + dx²)`` over every map (and member) of ``field``, in squared
+    units per pixel.  An ensemble mean is smoother than the truth; a member
+    should be as rough: compare with the truth's (``gradient_energy(member) /
+    gradient_energy(truth)``).
+    """
+    ydim, xdim = grid.spatial_dims(field)
+    dy = field.diff(ydim) ** 2
+    dx = field.diff(xdim) ** 2
+    return dy.mean() + dx.mean()
+
+
 def spread_scale(
     pred,
     truth,
@@ -687,6 +739,8 @@ def _scores(pred, truth, time_dim, sample_dim) -> dict[str, xr.DataArray]:
         add_means("crps", *_crps_map(pred, truth, sample_dim))
         if pred.sizes[sample_dim] > 1:
             scores["spread_skill"] = spread_skill(pred, truth, sample_dim)
+    # one member's roughness over the truth's (1: as rough; a blurred field < 1)
+    scores["gradient_energy_ratio"] = gradient_energy(pred) / gradient_energy(truth)
     return scores
 
 

@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["PRESETS", "REFERENCE_IN_VARS", "REFERENCE_OUT_VARS", "TRAINING_KEYS", "ReslimConfig"]
+__all__ = [
+    "NOISE_CHANNELS",
+    "PRESETS",
+    "REFERENCE_IN_VARS",
+    "REFERENCE_OUT_VARS",
+    "TRAINING_KEYS",
+    "ReslimConfig",
+    "noise_names",
+]
 
 # The 23 inputs and 3 outputs of the published ORBIT-2 configurations, the four
 # static fields first.  Useful for presets that should match the reference counts.
@@ -44,6 +52,15 @@ REFERENCE_OUT_VARS = ("total_precipitation_24hr", "2m_temperature_min", "2m_temp
 
 # Preset overrides: width, depth and heads follow the paper's table.  Their
 # training defaults (learning rate, batch size) are `xorbit.training.TrainOptions`'.
+#: noise channels of a stochastic model that `xorbit.train(ensemble=)` builds
+NOISE_CHANNELS = 4
+
+
+def noise_names(n: int) -> list[str]:
+    """The internal channel names of ``n`` noise channels (never a variable's name)."""
+    return [f"<noise {i}>" for i in range(int(n))]
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "9.5m": dict(embed_dim=256, depth=6, decoder_depth=4, num_heads=4),
     "126m": dict(embed_dim=1024, depth=8, decoder_depth=4, num_heads=16),
@@ -139,6 +156,14 @@ class ReslimConfig:
     linear_half
         The linear path's predictors: every cell of the window (``None``), or
         the ``(2 h + 1)²`` cells around each cell.
+    noise_channels
+        A stochastic model (`xorbit.model.reslim.Reslim` with noise): this many
+        channels of standard normal noise, one value per coarse pixel, enter
+        the network beside the inputs (their own token embeddings, and the
+        residual path), so that one forward pass with one draw of the noise
+        gives one ensemble member.  ``0`` (default): a deterministic model.
+        ``xorbit.train(..., ensemble=M)`` sets it (to `NOISE_CHANNELS`) when
+        the config has none.
 
     Notes
     -----
@@ -171,6 +196,7 @@ class ReslimConfig:
     max_leaf: int = 8
     linear_window: tuple[int, int] | None = None
     linear_half: int | None = None
+    noise_channels: int = 0
 
     def __post_init__(self) -> None:
         self.in_vars = list(self.in_vars)
@@ -202,6 +228,10 @@ class ReslimConfig:
         both = [v for v in self.static_vars if v in self.out_vars]
         if both:
             raise ValueError(f"ReslimConfig: {both} cannot be both static and output variables")
+        if not _is_int(self.noise_channels) or self.noise_channels < 0:
+            raise ValueError(
+                f"ReslimConfig: noise_channels must be an int >= 0, got {self.noise_channels!r}"
+            )
         for name in ("factor", "patch_size", "cnn_ratio", "embed_dim", "depth", "num_heads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ReslimConfig: {name} must be >= 1, got {getattr(self, name)}")

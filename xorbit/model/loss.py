@@ -22,7 +22,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["DIAGONAL_WEIGHT", "bayesian_tv_loss", "latitude_weights", "total_variation"]
+__all__ = [
+    "DIAGONAL_WEIGHT",
+    "bayesian_tv_loss",
+    "fair_crps_loss",
+    "latitude_weights",
+    "total_variation",
+]
 
 DIAGONAL_WEIGHT = 0.7
 
@@ -89,30 +95,103 @@ def bayesian_tv_loss(
         )
     if pred.ndim != 4:
         raise ValueError(f"loss: expected [B, V, H, W] tensors, got shape {tuple(pred.shape)}")
+    valid = _valid(target, mask)
+    err = torch.where(valid, pred - torch.nan_to_num(target), torch.zeros_like(pred))
+    term = err.square() + lam * total_variation(pred, diagonal_weight)
+    return _weighted_mean(term, valid, lat_weights, var_weights)
+
+
+def fair_crps_loss(
+    members: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    lam: float = 0.0,
+    lat_weights: torch.Tensor | None = None,
+    var_weights: torch.Tensor | Sequence[float] | None = None,
+    mask: torch.Tensor | None = None,
+    diagonal_weight: float = DIAGONAL_WEIGHT,
+) -> torch.Tensor:
+    """Mean fair (unbiased) CRPS of an ensemble over valid pixels, plus the TV prior.
+
+    Per pixel and variable, for members ``x_1 .. x_M``::
+
+        mean_i |x_i - y| - sum_ij |x_i - x_j| / (2 M (M - 1))
+            + lam * mean_i TV(x_i)
+
+    The fair CRPS (Ferro 2014) is the expected CRPS of the ensemble's
+    distribution, unbiased for any ``M``: its minimum in expectation is at
+    members drawn from the predictive distribution itself, so a model trained
+    on it learns spread as well as location.  The pair sum is taken over the
+    sorted members, ``2 sum_i (2 i - M - 1) x_(i)``, in ``O(M log M)``.
+    Weights and the mask as in `bayesian_tv_loss`.
+
+    Parameters
+    ----------
+    members
+        ``[B, M, V, H, W]``, ``M >= 2``.
+    target
+        ``[B, V, H, W]``.
+
+    Raises
+    ------
+    ValueError
+        If shapes disagree, ``M < 2``, or no pixel is valid.
+    """
+    if members.ndim != 5 or members.shape[:1] + members.shape[2:] != target.shape:
+        raise ValueError(
+            f"fair_crps_loss: members {tuple(members.shape)} must be [B, M, V, H, W] over a "
+            f"target [B, V, H, W], got target {tuple(target.shape)}"
+        )
+    m = members.shape[1]
+    if m < 2:
+        raise ValueError(f"fair_crps_loss needs at least 2 members, got {m}")
+    valid = _valid(target, mask)
+    y = torch.nan_to_num(target).unsqueeze(1)
+    skill = (members - y).abs().mean(dim=1)
+    rank = torch.arange(1, m + 1, dtype=members.dtype, device=members.device)
+    coef = (2 * rank - m - 1).reshape(1, m, 1, 1, 1)
+    pairs = 2 * (coef * members.sort(dim=1).values).sum(dim=1)
+    term = skill - pairs / (2 * m * (m - 1))
+    if lam:
+        tv = total_variation(members.flatten(0, 1), diagonal_weight)
+        term = term + lam * tv.reshape(members.shape).mean(dim=1)
+    return _weighted_mean(term, valid, lat_weights, var_weights)
+
+
+def _valid(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Pixels that count: a finite target, and ``mask`` where given (at least one)."""
     valid = torch.isfinite(target)
     if mask is not None:
         valid = valid & mask.to(torch.bool)
-    n_valid = valid.sum()
-    if n_valid == 0:
+    if valid.sum() == 0:
         raise ValueError("loss: no valid pixel (every target is NaN or masked out)")
-    err = torch.where(valid, pred - torch.nan_to_num(target), torch.zeros_like(pred))
-    term = err.square() + lam * total_variation(pred, diagonal_weight)
+    return valid
+
+
+def _weighted_mean(
+    term: torch.Tensor,
+    valid: torch.Tensor,
+    lat_weights: torch.Tensor | None,
+    var_weights: torch.Tensor | Sequence[float] | None,
+) -> torch.Tensor:
+    """The per-pixel ``term [B, V, H, W]`` weighted by row and variable, summed over
+    the valid pixels and divided by their number."""
     if lat_weights is not None:
-        lw = torch.as_tensor(lat_weights, dtype=pred.dtype, device=pred.device)
-        if lw.shape == (pred.shape[-2],):
+        lw = torch.as_tensor(lat_weights, dtype=term.dtype, device=term.device)
+        if lw.shape == (term.shape[-2],):
             term = term * lw[:, None]
-        elif lw.shape == (pred.shape[0], pred.shape[-2]):  # per sample (crops)
+        elif lw.shape == (term.shape[0], term.shape[-2]):  # per sample (crops)
             term = term * lw[:, None, :, None]
         else:
             raise ValueError(
-                f"loss: lat_weights has shape {tuple(lw.shape)}, expected ({pred.shape[-2]},) "
-                f"or ({pred.shape[0]}, {pred.shape[-2]})"
+                f"loss: lat_weights has shape {tuple(lw.shape)}, expected ({term.shape[-2]},) "
+                f"or ({term.shape[0]}, {term.shape[-2]})"
             )
     if var_weights is not None:
-        vw = torch.as_tensor(var_weights, dtype=pred.dtype, device=pred.device)
-        if vw.shape != (pred.shape[1],):
+        vw = torch.as_tensor(var_weights, dtype=term.dtype, device=term.device)
+        if vw.shape != (term.shape[1],):
             raise ValueError(
-                f"loss: var_weights has shape {tuple(vw.shape)}, expected ({pred.shape[1]},)"
+                f"loss: var_weights has shape {tuple(vw.shape)}, expected ({term.shape[1]},)"
             )
         term = term * vw[:, None, None]
-    return torch.where(valid, term, torch.zeros_like(term)).sum() / n_valid
+    return torch.where(valid, term, torch.zeros_like(term)).sum() / valid.sum()

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import adaptive
-from .config import ReslimConfig
+from .config import ReslimConfig, noise_names
 from .linear import LinearPath
 
 __all__ = ["RES_SCALE", "Reslim", "sincos_pos_embed_2d", "unpatchify"]
@@ -192,14 +192,17 @@ class Reslim(nn.Module):
         c = config
         d, p, k = c.embed_dim, c.patch_size, c.factor
         n_out = len(c.out_vars)
-        self._var_index = {v: i for i, v in enumerate(c.in_vars)}
+        # noise channels (a stochastic model) come after the inputs, each with
+        # its own token embedding and variable embedding, like an input
+        self.noise_vars = noise_names(c.noise_channels)
+        self._var_index = {v: i for i, v in enumerate([*c.in_vars, *self.noise_vars])}
         # recompute each block's activations in backward instead of keeping them
         # (`TrainOptions.checkpoint_activations`); a training setting, not saved
         self.checkpoint_activations = False
 
         # encoder
-        self.token_embeds = nn.ModuleList(PatchEmbed(p, d) for _ in c.in_vars)
-        self.var_embed = nn.Parameter(torch.zeros(1, len(c.in_vars), d))
+        self.token_embeds = nn.ModuleList(PatchEmbed(p, d) for _ in self._var_index)
+        self.var_embed = nn.Parameter(torch.zeros(1, len(self._var_index), d))
         self.var_query = nn.Parameter(torch.zeros(1, 1, d))
         self.var_agg = VariableAggregation(d, c.num_heads)
         gh, gw = self.token_grid(c.img_size)
@@ -230,7 +233,8 @@ class Reslim(nn.Module):
         self.conv_out = nn.Conv2d(n_out, n_out, kernel_size=3, padding=1)
 
         # residual path: a learnt PixelShuffle upsampler of the outputs + statics
-        n_res = n_out + len(c.static_vars)
+        # (+ noise: the fine texture of a member)
+        n_res = n_out + len(c.static_vars) + c.noise_channels
         self.path2 = nn.Sequential(
             nn.Conv2d(n_res, c.cnn_ratio * k * k, kernel_size=3, padding=1),
             nn.GELU(),
@@ -294,7 +298,8 @@ class Reslim(nn.Module):
                 f"x has {x.shape[1]} channels but {len(variables)} variable names were given: "
                 f"{variables}"
             )
-        unknown = [v for v in variables if v not in self._var_index]
+        known = set(self.config.in_vars)
+        unknown = [v for v in variables if v not in known]
         if unknown:
             raise KeyError(
                 f"variables {unknown} are unknown to this model; it was built for "
@@ -467,7 +472,7 @@ class Reslim(nn.Module):
     def residual(self, x: torch.Tensor, variables: Sequence[str]) -> torch.Tensor:
         """The learnt upsampling of the output and static variables' coarse fields."""
         c = self.config
-        idx = self.channel_indices(variables, c.out_vars + c.static_vars)
+        idx = self.channel_indices(variables, c.out_vars + c.static_vars + self.noise_vars)
         return self.path2(x[:, idx])
 
     def forward(
@@ -475,6 +480,7 @@ class Reslim(nn.Module):
         x: torch.Tensor,
         variables: Sequence[str] | None = None,
         res_km: float | torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalized coarse ``[B, C, h, w]`` → normalized fine ``[B, V_out, h k, w k]``.
 
@@ -487,8 +493,14 @@ class Reslim(nn.Module):
         res_km
             Coarse grid spacing in km for the resolution embedding: one value,
             or a tensor ``[B]`` of one per sample; defaults to ``config.res_km``.
+        noise
+            A stochastic model (``config.noise_channels > 0``): standard normal
+            ``[B, noise_channels, h, w]``, one draw per member; ``None``: zeros
+            (the member at the noise's centre).  A deterministic model takes none.
         """
         variables = self._check_input(x, self.config.in_vars if variables is None else variables)
+        x_in = x
+        x, variables = self.with_noise(x, variables, noise)
         h, w = x.shape[-2:]
         k = self.config.factor
         self.channel_indices(variables, self.config.out_vars + self.config.static_vars)
@@ -505,8 +517,26 @@ class Reslim(nn.Module):
             out = out * self.gate
         out = (out + self.skip(xp, variables))[..., : h * k, : w * k]
         if self.config.linear_window is not None:
-            out = out + self.linear_map(x, variables)
+            out = out + self.linear_map(x_in, variables)
         return out
+
+    def with_noise(
+        self, x: torch.Tensor, variables: list[str], noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """``x`` and ``variables`` with the noise channels appended (a stochastic model)."""
+        n = self.config.noise_channels
+        if n == 0:
+            if noise is not None:
+                raise ValueError(
+                    "this Reslim is deterministic (noise_channels=0): it takes no noise"
+                )
+            return x, variables
+        shape = (x.shape[0], n, *x.shape[-2:])
+        if noise is None:
+            noise = x.new_zeros(shape)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        return torch.cat([x, noise.to(x.dtype)], dim=1), [*variables, *self.noise_vars]
 
     def skip(self, xp: torch.Tensor, variables: Sequence[str]) -> torch.Tensor:
         """The fixed interpolation of the output variables (``config.interp_skip``).

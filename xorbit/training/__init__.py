@@ -11,7 +11,7 @@ import xarray as xr
 from .. import transforms as _transforms
 from ..downscaler import Downscaler
 from ..engine import default_device
-from ..model.config import ReslimConfig
+from ..model.config import NOISE_CHANNELS, ReslimConfig
 from ..model.reslim import Reslim
 from ..variables import var_names
 from . import finetune
@@ -191,6 +191,8 @@ def train(
     source = finetune.pretrained(init) if init is not None else None
     config, transforms = _model_config(pairs, config, source, transforms, options)
     opts = _options(config, options, epochs, seed, device, checkpoint_dir, progress, lr, batch_size)
+    if opts.ensemble and not config.noise_channels:
+        config = config.replace(noise_channels=NOISE_CHANNELS)
     transforms = _check_transforms(transforms, config)
     if check_strategy(opts.strategy) == "fsdp" and client is None:
         raise ValueError(

@@ -189,9 +189,9 @@ def _variable_axes(model: Reslim) -> dict[str, dict[int, list[Any]]]:
     n_head = len(model.head) - 1
     pixels = (c.factor * c.patch_size) ** 2
     head_rows = [(p, v) for p in range(pixels) for v in c.out_vars]  # n_out fastest
-    out, res = list(c.out_vars), [*c.out_vars, *c.static_vars]
+    out, res = list(c.out_vars), [*c.out_vars, *c.static_vars, *model.noise_vars]
     return {
-        "var_embed": {1: list(c.in_vars)},
+        "var_embed": {1: [*c.in_vars, *model.noise_vars]},
         f"head.{n_head}.weight": {0: head_rows},
         f"head.{n_head}.bias": {0: head_rows},
         "conv_out.weight": {0: out, 1: out},
@@ -215,14 +215,15 @@ def transfer(src: Reslim, dst: Reslim) -> dict[str, str]:
     grid_to = dst.token_grid(dst.config.img_size)
     axes_dst, axes_src = _variable_axes(dst), _variable_axes(src)
     status: dict[str, str] = {}
-    src_tok = {v: j for j, v in enumerate(src.config.in_vars)}
+    src_tok = {v: j for j, v in enumerate([*src.config.in_vars, *src.noise_vars])}
+    dst_tok = [*dst.config.in_vars, *dst.noise_vars]
     with torch.no_grad():
         # parameters only: the linear path and the gate are buffers, never copied
         for name, param in dst.named_parameters():
             key = name
             if name.startswith("token_embeds."):
                 _, j, rest = name.split(".", 2)
-                var = dst.config.in_vars[int(j)]
+                var = dst_tok[int(j)]
                 key = f"token_embeds.{src_tok[var]}.{rest}" if var in src_tok else ""
             if name in axes_dst:
                 maps = {

@@ -41,7 +41,7 @@ from .._files import atomic_write
 from ..downscaler import Downscaler
 from ..engine import downscale_array
 from ..model.config import ReslimConfig
-from ..model.loss import bayesian_tv_loss
+from ..model.loss import bayesian_tv_loss, fair_crps_loss
 from ..regrid import upsample_array
 from .samples import CropMix, PairedArrays, PairedCrops
 from .sharding import (
@@ -144,6 +144,17 @@ class TrainOptions:
     # recompute each transformer block's activations in backward (less memory,
     # about a third more compute)
     checkpoint_activations: bool = False
+    # a stochastic model trained on the fair CRPS of this many members per
+    # sample, each from its own draw of the noise (`fair_crps_loss`); 0: the
+    # deterministic Bayesian TV loss
+    ensemble: int = 0
+
+    def __post_init__(self) -> None:
+        m = self.ensemble
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0 or m == 1:
+            raise ValueError(
+                f"ensemble must be 0 (deterministic) or a number of members >= 2, got {m!r}"
+            )
 
     @classmethod
     def for_config(cls, config: ReslimConfig, **overrides: Any) -> TrainOptions:
@@ -431,6 +442,12 @@ def fit(
     stop_after
         Stop after this epoch (counting from 1) as if killed: for tests.
     """
+    if opts.ensemble and not dsr.config.noise_channels:
+        raise ValueError(
+            f"ensemble={opts.ensemble} trains a stochastic model, but this model has "
+            "noise_channels=0; build it with ReslimConfig(noise_channels=...) (xorbit.train "
+            "does so itself)"
+        )
     device = torch.device(opts.device)
     model = dsr.model.to(device).train()
     model.checkpoint_activations = bool(opts.checkpoint_activations)
@@ -660,11 +677,8 @@ def _train_epoch(
             # the grid's spacing, as downscaling will give it (`_chunk_sums`);
             # the config's constant for a model that records none (NaN: unknown)
             known = "res_km" in dsr.grid and not bool(torch.isnan(res).any())
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pred = net(x, cfg.in_vars, res_km=res.to(device) if known else None)
-            loss = bayesian_tv_loss(
-                pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=run.var_weights
-            )
+            res_km = res.to(device) if known else None
+            loss = _loss(net, cfg, x, y, lw, res_km, opts, run.var_weights)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.clip_grad:
@@ -684,6 +698,40 @@ def _train_epoch(
     if world_size > 1:
         running = float(_sum_over_ranks(np.array([running]), world_size, device)[0])
     return running / (run.steps_per_epoch * world_size)
+
+
+def _loss(
+    net: torch.nn.Module,
+    cfg: ReslimConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lw: torch.Tensor | None,
+    res_km: torch.Tensor | None,
+    opts: TrainOptions,
+    var_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """One batch's training loss: Bayesian TV, or with ``opts.ensemble`` members of
+    a stochastic model (each sample repeated, fresh noise each) the fair CRPS."""
+    m = opts.ensemble
+    kw: dict[str, Any] = {}
+    if m:
+        x = x.repeat_interleave(m, dim=0)
+        if res_km is not None and res_km.ndim:
+            res_km = res_km.repeat_interleave(m)
+        kw["noise"] = torch.randn(x.shape[0], cfg.noise_channels, *x.shape[-2:], device=x.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        pred = net(x, cfg.in_vars, res_km=res_km, **kw)
+    if m:
+        return fair_crps_loss(
+            pred.float().unflatten(0, (-1, m)),
+            y,
+            lam=opts.tv_lambda,
+            lat_weights=lw,
+            var_weights=var_weights,
+        )
+    return bayesian_tv_loss(
+        pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=var_weights
+    )
 
 
 def _validate_epoch(

@@ -18,6 +18,7 @@ tested) alone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -561,13 +562,18 @@ def run_training(
     # the gate decides on held-out years of its own: not with a validation
     # set of the caller's, and not across checkpoints (a run in two parts)
     plain = val is not None or state is not None or stop_after is not None or opts.checkpoint_dir
-    if has_linear and opts.gate and not plain:
+    # and not for an ensemble: a gate shut on the central member's RMSE would
+    # leave members without spread
+    if has_linear and opts.gate and not plain and not opts.ensemble:
         # fits the path itself, on its own split of the training years
         return linear.fit_gated(dsr, parts[0], parts[0].data, opts, run)
+    crops = parts[0] if not multi else CropMix(list(parts))
     if has_linear:
         # closed form, on the training years: the network then trains on what it leaves
         linear.fit_linear_path(dsr.model, parts[0].data)
-    crops = parts[0] if not multi else CropMix(list(parts))
+        if opts.cross_fit:  # ... or on what a path that has not seen each year leaves
+            crops = copy.copy(parts[0])
+            crops.data = linear.cross_fitted(dsr.model, parts[0].data, opts.cross_fit)
     return run(crops, val, opts, stop_after)
 
 
