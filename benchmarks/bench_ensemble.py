@@ -18,13 +18,17 @@ What it measures
     mean; MAE of the mean; CRPS; spread-skill; the rank histogram's flatness
     (Candille-Talagrand delta, about 1 when flat); the gradient energy of the
     members, the mean and the deterministic field over the truth's; RALSD of
-    the members.  Cost: members per second against deterministic downscales
+    the members.  ``rmse_inf`` is the RMSE the mean of infinitely many members
+    would have: the N-member mean's squared error less ``var / N`` (the
+    sampling variance of a mean of N members).  Cost: members per second against deterministic downscales
     per second.  Means and spreads over the seeds come last.
 
 How to run
-    .venv/bin/python benchmarks/bench_ensemble.py                      # 3 seeds, M 4, N 16, 40 epochs
+    .venv/bin/python benchmarks/bench_ensemble.py                      # 3 seeds, M 8, N 16, 40 epochs
+    .venv/bin/python benchmarks/bench_ensemble.py --ensemble 4
     .venv/bin/python benchmarks/bench_ensemble.py --seeds 0 --epochs 10
     .venv/bin/python benchmarks/bench_ensemble.py --cross-fit 5        # out-of-fold residuals
+    .venv/bin/python benchmarks/bench_ensemble.py --no-linear-path     # the network alone
 
 Trained models are kept in ``--cache`` (default ``$TMPDIR/xorbit-ensemble``)
 and reused by later runs with the same settings.
@@ -63,6 +67,7 @@ KEYS = (
     "rmse_det",
     "rmse_zero",
     "rmse_mean",
+    "rmse_inf",
     "mae_mean",
     "crps",
     "crps/mae",
@@ -108,6 +113,14 @@ def scores(members, det, truth) -> dict[str, float]:
         "rmse_det": float(rmse(det, truth)),
         "rmse_zero": float("nan"),  # filled by the caller
         "rmse_mean": float(rmse(mean, truth)),
+        # the mean of infinitely many members: the N-member mean's squared
+        # error less the sampling variance of a mean of N, var / N
+        "rmse_inf": float(
+            np.sqrt(
+                float(rmse(mean, truth)) ** 2
+                - float(members.var("sample", ddof=1).mean()) / members.sizes["sample"]
+            )
+        ),
         "mae_mean": float(mae(mean, truth)),
         "crps": float(crps(members, truth)),
         "crps/mae": float(crps(members, truth)) / float(mae(mean, truth)),
@@ -124,9 +137,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--ensemble", type=int, default=4, help="members per training sample (M)")
+    ap.add_argument("--ensemble", type=int, default=8, help="members per training sample (M)")
     ap.add_argument("--samples", type=int, default=16, help="members downscaled (N)")
     ap.add_argument("--cross-fit", type=int, default=None, help="TrainOptions.cross_fit")
+    ap.add_argument("--no-linear-path", action="store_true", help="linear_path=False")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "xorbit-ensemble")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -137,6 +151,8 @@ def main() -> None:
     options = {"ensemble": args.ensemble}
     if args.cross_fit:
         options["cross_fit"] = args.cross_fit
+    if args.no_linear_path:
+        options["linear_path"] = False
     periods = {"2041-2099": slice(None), f"{LATE + 1}-2099": slice(str(LATE + 1), None)}
     rows: dict[str, list[dict[str, float]]] = {p: [] for p in periods}
     cost = []
@@ -165,7 +181,8 @@ def main() -> None:
     print(
         f"\nstochastic tiny, ensemble={args.ensemble}, {args.samples} members, "
         f"{args.epochs} epochs, seeds {args.seeds}"
-        f"{f', cross_fit={args.cross_fit}' if args.cross_fit else ''}; mean ± std over seeds"
+        f"{f', cross_fit={args.cross_fit}' if args.cross_fit else ''}"
+        f"{', linear_path=False' if args.no_linear_path else ''}; mean ± std over seeds"
     )
     for name, runs in rows.items():
         print(f"\n{name}")
