@@ -116,6 +116,45 @@ def test_noise_enters_the_network_but_not_the_linear_path(dsr):
         tiny_config(noise_channels=-1)
 
 
+def test_adaptive_tokens_take_the_noise_too():
+    cfg = tiny_config(
+        in_vars=["tas"],
+        out_vars=["tas"],
+        static_vars=[],
+        img_size=(16, 16),
+        tokens="adaptive",
+        max_leaf=2,
+        noise_channels=2,
+    )
+    model = Reslim(cfg).eval()
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        a = model(x, noise=torch.randn(1, 2, 16, 16))
+        b = model(x, noise=torch.randn(1, 2, 16, 16))
+    assert a.shape == (1, 1, 64, 64) and float((a - b).abs().mean()) > 1e-3
+
+
+def test_a_deterministic_model_fine_tunes_into_a_stochastic_one():
+    """init= a deterministic model, ensemble=M: the pretrained weights move,
+    the noise channels' embeddings and residual-path inputs start fresh."""
+    from xorbit.training.finetune import transfer
+
+    fine = fine_field(nt=24, n=32)
+    crs = coarsen(fine, 4)
+    kw = dict(epochs=1, batch_size=4, progress=False, seed=0, device="cpu")
+    pre = train(crs, fine, small_config(), **kw)
+    tuned = train(crs, fine, init=pre, ensemble=2, **kw)
+    assert tuned.config.noise_channels > 0 and pre.config.noise_channels == 0
+    status = transfer(pre.model, Reslim(tuned.config))
+    n_in = len(tuned.config.in_vars)
+    assert status["token_embeds.0.proj.weight"] == "pretrained"
+    assert status[f"token_embeds.{n_in}.proj.weight"] == "new"  # the first noise channel
+    assert status["var_embed"] == "partial" and status["path2.0.weight"] == "partial"
+    assert status["blocks.0.attn.qkv.weight"] == "pretrained"
+    members = crs.isel(time=slice(0, 2)).orbit.downscale(tuned, samples=2)
+    assert float(np.abs(members[0] - members[1]).mean()) > 0
+
+
 def test_the_noise_is_a_function_of_global_position():
     shape = (12, 16)
     whole = field_noise(7, 2, np.arange(12), np.arange(16), shape)

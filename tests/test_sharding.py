@@ -295,3 +295,20 @@ def test_a_model_the_plan_cannot_measure_still_trains(monkeypatch, caplog):
         opts = TrainOptions(strategy="fsdp")
         assert d._strategy(None, dsr, crops, val, opts, info, list(info)) == "fsdp"
     assert "no memory plan for this model (no meta kernel for aten::frobnicate)" in caplog.text
+
+
+@pytest.mark.distributed
+def test_an_ensemble_trains_the_same_sharded_or_replicated(client):
+    """ensemble=M over two ranks: each rank draws its members' noise from its own
+    seeded generator, so FSDP and DDP see the same members and end equal."""
+    fine = fine_field()
+    coarse = coarsen(fine, 4)
+    cfg = xorbit.ReslimConfig.preset("tiny", **TINY)
+    kw = dict(epochs=2, batch_size=4, progress=False, seed=3, device="cpu", ensemble=2)
+    ddp = train(coarse, fine, cfg, client=client, strategy="ddp", **kw)
+    fsdp = train(coarse, fine, cfg, client=client, strategy="fsdp", **kw)
+    assert ddp.config.noise_channels > 0
+    assert max_diff(weights(xorbit.Downscaler.from_config(ddp.config, seed=3)), weights(ddp)) > 1e-3
+    assert relative_diff(weights(ddp), weights(fsdp)) < 1e-4
+    members = coarse.isel(time=slice(0, 2)).orbit.downscale(fsdp, samples=2)
+    assert float(np.abs(members[0] - members[1]).mean()) > 0
