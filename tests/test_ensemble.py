@@ -318,3 +318,21 @@ def test_gradient_energy_sees_a_blurred_field():
     assert float(gradient_energy(blurred) / gradient_energy(f)) < 0.3
     ev = xorbit.evaluate(blurred.rename("v"), f.rename("v"))
     assert ev["gradient_energy_ratio"].item() < 0.3
+
+
+def test_member_spectra_are_each_members_not_the_means():
+    """power_spectra and ralsd of an ensemble average over its members' maps: a
+    mean field, smoother than any member, would lose the small scales."""
+    from xorbit.metrics import power_spectra, ralsd
+
+    rng = np.random.default_rng(1)
+    truth = xr.DataArray(powerlaw_field((3, 32, 32), slope=2), dims=("time", "lat", "lon"))
+    noise = rng.standard_normal((6, 3, 32, 32))
+    members = truth + xr.DataArray(noise, dims=("sample", "time", "lat", "lon"))
+    spec = power_spectra(member=members)["member"]
+    each = [power_spectra(m=members.isel(sample=i))["m"] for i in range(6)]
+    np.testing.assert_allclose(spec.values, np.mean(each, axis=0), rtol=1e-10)
+    mean_spec = power_spectra(mean=members.mean("sample"))["mean"]
+    assert float(mean_spec[-5:].sum()) < 0.5 * float(spec[-5:].sum())
+    per_member = np.mean([float(ralsd(members.isel(sample=i), truth)) for i in range(6)])
+    assert float(ralsd(members, truth)) == pytest.approx(per_member, rel=1e-6)
