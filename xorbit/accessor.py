@@ -461,8 +461,10 @@ class _OrbitBase:
             its members are MC-dropout draws.  ``None`` (default): one
             deterministic output (a stochastic model's member at zero noise).
         seed
-            Seed of the members' noise or dropout masks; the members depend on
-            it and on nothing else (not on chunks, ``batch_size`` or laziness).
+            Seed of the members' noise or dropout masks.  The members depend on
+            it, the member's index and each sample's and pixel's position in
+            this object, not on chunks, ``batch_size`` or laziness (so a
+            subset of the object, downscaled alone, gets other members).
         constrain
             Coarse consistency (`xorbit.model.constraints`): the mean of the
             output over each coarse cell equals the coarse input,

@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=int,
         default=None,
-        help="N ensemble members along a new 'sample' dimension (MC dropout)",
+        help="N ensemble members along a new 'sample' dimension (a stochastic model's, else MC dropout)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the ensemble members (default 0)")
     p.add_argument(

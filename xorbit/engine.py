@@ -9,7 +9,9 @@ with its halo), stage 2 is one task per output block that folds in the strips
 of its 3 x 3 neighbours (`xorbit.tiles.fold`).  On numpy input the same two
 steps run on one block in memory.  Training validation calls it too, so a
 model is scored exactly as it will be used.  ``samples=N`` repeats the whole
-computation for ``N`` MC-dropout members (`xorbit.model.mc`), each window's
+computation for ``N`` members: of a stochastic model, each window reading one
+noise field per member at its global pixels (`window_noise`, `field_noise`);
+of a deterministic one, MC-dropout members (`xorbit.model.mc`), each window's
 dropout masks seeded by its global position (`window_seeds`).
 
 `ModelHandle` is how a model reaches Dask tasks: the task graph holds one
@@ -65,10 +67,12 @@ __all__ = [
     "clear_cache",
     "default_device",
     "downscale_array",
+    "field_noise",
     "model_window",
     "predict_block",
     "run_model",
     "tile_defaults",
+    "window_noise",
     "window_seeds",
 ]
 
@@ -245,6 +249,8 @@ def run_model(
     step = max(1, int(batch_size))
     if seeds is not None and len(seeds) != x.shape[0]:
         raise ValueError(f"run_model: {len(seeds)} seeds for {x.shape[0]} samples")
+    if noise is not None and len(noise) != x.shape[0]:
+        raise ValueError(f"run_model: noise for {len(noise)} samples, x has {x.shape[0]}")
     outs = []
     with torch.inference_mode(), amp:
         for i in range(0, x.shape[0], step):
@@ -271,9 +277,11 @@ def field_noise(
     key: int, channels: int, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]
 ) -> np.ndarray:
     """Standard normal noise ``[channels, len(rows), len(cols)]``, float32, a pure
-    function of ``key`` and each pixel's global ``(row, col)`` (taken modulo the
-    grid's ``shape``, so a halo that wraps around a periodic axis, or one padded
-    past an edge, reads the same values as the pixels it stands for).
+    function of ``key`` and each pixel's global ``(row, col)``, taken modulo the
+    grid's ``shape``: a halo that wraps around a periodic axis reads the values
+    of the pixels it stands for.  Past a non-periodic edge (where the inputs
+    are edge-padded) it reads the opposite edge's noise, the same in every
+    window that reaches there.
 
     A counter-based generator: SplitMix64 of the key mixed with the pixel's
     index gives two uniforms, Box-Muller one normal.
@@ -524,14 +532,17 @@ def downscale_array(
         The coarse grid's spacing in km for the resolution embedding
         (`xorbit.grid.spacing_km`); ``None``: ``config.res_km``.
     samples
-        ``N`` for an MC-dropout ensemble of ``N`` members: the model runs ``N``
-        times with dropout masks drawn (everything else as in evaluation), and
-        the result gains a leading axis of length ``N``.  ``None``: one
-        deterministic output.
+        ``N`` for an ensemble of ``N`` members, one pass each, along a new
+        leading axis of length ``N``: a stochastic model (``noise_channels >
+        0``) draws one noise field per member; a deterministic one MC-dropout
+        masks (everything else as in evaluation).  ``None``: one deterministic
+        output (a stochastic model's member at zero noise).
     seed
-        The ensemble's seed.  A window's masks depend only on ``seed``, the
-        member, the tile's position in the global plan and the sample's index
-        along the leading dims: not on chunks, ``batch_size`` or numpy vs Dask.
+        The ensemble's seed.  A window's noise (or masks) depends only on
+        ``seed``, the member, the window's position in the global plan and the
+        sample's index along the leading dims of ``x``: not on chunks,
+        ``batch_size`` or numpy vs Dask.  (Positions are those in ``x``: a
+        subset of the array gets other members.)
 
     Returns
     -------
@@ -544,7 +555,8 @@ def downscale_array(
     ------
     ValueError
         For input of the wrong shape, an unknown precision, or ``samples`` with a
-        model trained without dropout (``drop_rate`` and ``drop_path`` both 0).
+        deterministic model trained without dropout (``drop_rate`` and
+        ``drop_path`` both 0).
     """
     cfg = downscaler.config
     n_in = len(cfg.in_vars)

@@ -551,14 +551,42 @@ def rank_histogram(pred, truth, sample_dim: Hashable = "sample") -> xr.DataArray
     """
     import xskillscore as xs
 
+    if isinstance(pred, xr.Dataset) or isinstance(truth, xr.Dataset):
+        # every variable's points together
+        names = list(pred.data_vars) if isinstance(pred, xr.Dataset) else [None]
+        parts = [
+            _ranked_points(
+                pred[v] if v is not None else pred,
+                truth[v] if isinstance(truth, xr.Dataset) else truth,
+                sample_dim,
+            )
+            for v in names
+        ]
+        obs = xr.concat([o for o, _ in parts], "point")
+        ens = xr.concat([e for _, e in parts], "point")
+    else:
+        obs, ens = _ranked_points(pred, truth, sample_dim)
+    # xskillscore breaks ties (rare in continuous fields) with numpy's legacy
+    # global generator: seeded here, and the caller's state put back
+    state = np.random.get_state()  # noqa: NPY002
+    try:
+        np.random.seed(0)  # noqa: NPY002
+        return xs.rank_histogram(obs, ens, dim="point", member_dim=str(sample_dim))
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+
+
+def _ranked_points(pred, truth, sample_dim: Hashable) -> tuple[xr.DataArray, xr.DataArray]:
+    """The valid points of one variable: truth ``[point]``, members ``[sample, point]``."""
     n = _members(pred, truth, sample_dim, "rank_histogram")
     p, t = _valid(pred, truth)
     t = t.reset_coords(drop=True)
     p = p.reset_coords(drop=True).transpose(sample_dim, *t.dims)
-    ok = np.isfinite(np.asarray(t.values)).ravel()
-    obs = xr.DataArray(np.asarray(t.values).ravel()[ok], dims="point")
+    tv = np.asarray(t.values)
+    ok = np.isfinite(tv).ravel()
+    obs = xr.DataArray(tv.ravel()[ok], dims="point")
     ens = xr.DataArray(np.asarray(p.values).reshape(n, -1)[:, ok], dims=(sample_dim, "point"))
-    return xs.rank_histogram(obs, ens, dim="point", member_dim=str(sample_dim))
+    return obs, ens
 
 
 def rank_flatness(pred, truth, sample_dim: Hashable = "sample") -> float:
@@ -778,8 +806,9 @@ def evaluate(
     xarray.Dataset
         ``xr.Dataset`` with dimension ``variable`` (``(method, variable)`` for a
         dict, the method coordinate in the dict's order) and data variables
-        ``rmse``, ``mae``, ``bias``, ``r2``, ``pearson``, ``ssim``, ``psnr``;
-        ``ralsd`` on maps of at least 8 x 8 pixels; with more than one time step ``anomaly_r2``, ``p99_bias``,
+        ``rmse``, ``mae``, ``bias``, ``r2``, ``pearson``, ``ssim``, ``psnr``,
+        ``gradient_energy_ratio`` (the prediction's, or a member's, roughness
+        over the truth's, `gradient_energy`); ``ralsd`` on maps of at least 8 x 8 pixels; with more than one time step ``anomaly_r2``, ``p99_bias``,
         ``p01_bias``; with more than two dated steps ``trend_bias``; for an
         ensemble ``crps`` and ``spread_skill``; ``_latw`` variants of rmse, mae,
         the quantile, trend and crps scores on latitude grids; the baseline scores.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,6 +194,14 @@ def train(
     opts = _options(config, options, epochs, seed, device, checkpoint_dir, progress, lr, batch_size)
     if opts.ensemble and not config.noise_channels:
         config = config.replace(noise_channels=NOISE_CHANNELS)
+    elif config.noise_channels and not opts.ensemble:
+        warnings.warn(
+            f"this model has noise_channels={config.noise_channels} but trains without "
+            "ensemble=: on the deterministic loss it learns nothing of its noise, and its "
+            "members (samples=) will not be calibrated; pass ensemble=M (e.g. 8)",
+            UserWarning,
+            stacklevel=2,
+        )
     transforms = _check_transforms(transforms, config)
     if check_strategy(opts.strategy) == "fsdp" and client is None:
         raise ValueError(

@@ -28,7 +28,7 @@ from .samples import PairedArrays, PairedCrops
 if TYPE_CHECKING:
     from ..downscaler import Downscaler
 
-__all__ = ["MAX_SAMPLES", "fit_gated", "fit_linear_path", "window_starts"]
+__all__ = ["MAX_SAMPLES", "fit_gated", "fit_linear_path", "too_short", "window_starts"]
 
 # At most this many windows go into the fit (time steps times positions), and
 # at most MAX_BYTES of them (the fine targets dominate).
@@ -147,6 +147,13 @@ def _block_rmse(dsr: Downscaler, block: PairedArrays, opts: TrainOptions) -> np.
 Run = Callable[[Any, Any, TrainOptions, "int | None"], list[dict[str, float]]]
 
 
+def too_short(n: int) -> bool:
+    """Whether ``n`` training steps are too few for the gate to decide: fewer than
+    `GATE_MIN_STEPS` besides its held-out block.  A path fitted on so few years
+    extrapolates worse than none, so it is cleared."""
+    return n - max(1, round(GATE_BLOCK * n)) < GATE_MIN_STEPS
+
+
 def fit_gated(
     dsr: Downscaler, crops: PairedCrops, years: PairedArrays, opts: TrainOptions, run: Run
 ) -> list[dict[str, float]]:
@@ -178,7 +185,7 @@ def fit_gated(
     model = dsr.model
     n = len(years)
     n_block = max(1, round(GATE_BLOCK * n))
-    if n - n_block < GATE_MIN_STEPS:
+    if too_short(n):
         model.linear.clear()
         return run(crops, None, opts, None)
     early = years.select(np.arange(n - n_block))

@@ -753,7 +753,9 @@ def _validate_epoch(
     # one number over all variables: RMSE relative to bicubic, averaged
     out_vars = dsr.config.out_vars
     score = float(np.mean([scores[f"rmse_{v}"] / scores[f"rmse_bicubic_{v}"] for v in out_vars]))
-    if opts.keep_best and score < run.best["score"]:
+    # an ensemble's validation scores its zero-noise member, which says nothing
+    # of the spread: no epoch is picked by it
+    if opts.keep_best and not opts.ensemble and score < run.best["score"]:
         # rank 0 returns the weights; the others only track the epoch (the
         # shards of a sharded model are gathered by all)
         state = full_model_state(model) if rank == 0 or run.sharded else None

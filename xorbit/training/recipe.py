@@ -568,7 +568,10 @@ def run_training(
         # fits the path itself, on its own split of the training years
         return linear.fit_gated(dsr, parts[0], parts[0].data, opts, run)
     crops = parts[0] if not multi else CropMix(list(parts))
-    if has_linear:
+    if has_linear and opts.ensemble and opts.gate and linear.too_short(len(parts[0].data)):
+        # an ensemble skips the gate, not its rule for short records
+        dsr.model.linear.clear()
+    elif has_linear:
         # closed form, on the training years: the network then trains on what it leaves
         linear.fit_linear_path(dsr.model, parts[0].data)
         if opts.cross_fit:  # ... or on what a path that has not seen each year leaves
