@@ -192,16 +192,7 @@ def train(
     source = finetune.pretrained(init) if init is not None else None
     config, transforms = _model_config(pairs, config, source, transforms, options)
     opts = _options(config, options, epochs, seed, device, checkpoint_dir, progress, lr, batch_size)
-    if opts.ensemble and not config.noise_channels:
-        config = config.replace(noise_channels=NOISE_CHANNELS)
-    elif config.noise_channels and not opts.ensemble:
-        warnings.warn(
-            f"this model has noise_channels={config.noise_channels} but trains without "
-            "ensemble=: on the deterministic loss it learns nothing of its noise, and its "
-            "members (samples=) will not be calibrated; pass ensemble=M (e.g. 8)",
-            UserWarning,
-            stacklevel=2,
-        )
+    config = _noise_config(config, opts)
     transforms = _check_transforms(transforms, config)
     if check_strategy(opts.strategy) == "fsdp" and client is None:
         raise ValueError(
@@ -267,6 +258,22 @@ def _model_config(
     if transforms is None:
         transforms = finetune.default_transforms(source, config)
     return config, transforms
+
+
+def _noise_config(config: ReslimConfig, opts: TrainOptions) -> ReslimConfig:
+    """An ensemble's config has noise channels (`NOISE_CHANNELS` unless it has
+    some); a config with noise trained without ``ensemble=`` is warned about."""
+    if opts.ensemble and not config.noise_channels:
+        return config.replace(noise_channels=NOISE_CHANNELS)
+    if config.noise_channels and not opts.ensemble:
+        warnings.warn(
+            f"this model has noise_channels={config.noise_channels} but trains without "
+            "ensemble=: on the deterministic loss it learns nothing of its noise, and its "
+            "members (samples=) will not be calibrated; pass ensemble=M (e.g. 8)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return config
 
 
 def _default_config(
