@@ -29,6 +29,7 @@ How to run
     .venv/bin/python benchmarks/bench_ensemble.py --seeds 0 --epochs 10
     .venv/bin/python benchmarks/bench_ensemble.py --cross-fit 5        # out-of-fold residuals
     .venv/bin/python benchmarks/bench_ensemble.py --no-linear-path     # the network alone
+    .venv/bin/python benchmarks/bench_ensemble.py --tv-lambda 0        # no TV prior on the members
 
 Trained models are kept in ``--cache`` (default ``$TMPDIR/xorbit-ensemble``)
 and reused by later runs with the same settings.
@@ -141,6 +142,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="members downscaled (N)")
     ap.add_argument("--cross-fit", type=int, default=None, help="TrainOptions.cross_fit")
     ap.add_argument("--no-linear-path", action="store_true", help="linear_path=False")
+    ap.add_argument("--tv-lambda", type=float, default=None, help="TrainOptions.tv_lambda")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "xorbit-ensemble")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -153,6 +155,8 @@ def main() -> None:
         options["cross_fit"] = args.cross_fit
     if args.no_linear_path:
         options["linear_path"] = False
+    if args.tv_lambda is not None:
+        options["tv_lambda"] = args.tv_lambda
     periods = {"2041-2099": slice(None), f"{LATE + 1}-2099": slice(str(LATE + 1), None)}
     rows: dict[str, list[dict[str, float]]] = {p: [] for p in periods}
     cost = []
@@ -182,7 +186,9 @@ def main() -> None:
         f"\nstochastic tiny, ensemble={args.ensemble}, {args.samples} members, "
         f"{args.epochs} epochs, seeds {args.seeds}"
         f"{f', cross_fit={args.cross_fit}' if args.cross_fit else ''}"
-        f"{', linear_path=False' if args.no_linear_path else ''}; mean ± std over seeds"
+        f"{', linear_path=False' if args.no_linear_path else ''}"
+        f"{f', tv_lambda={args.tv_lambda}' if args.tv_lambda is not None else ''}"
+        "; mean ± std over seeds"
     )
     for name, runs in rows.items():
         print(f"\n{name}")
