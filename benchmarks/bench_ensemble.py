@@ -30,6 +30,7 @@ How to run
     .venv/bin/python benchmarks/bench_ensemble.py --cross-fit 5        # out-of-fold residuals
     .venv/bin/python benchmarks/bench_ensemble.py --no-linear-path     # the network alone
     .venv/bin/python benchmarks/bench_ensemble.py --tv-lambda 0        # no TV prior on the members
+    .venv/bin/python benchmarks/bench_ensemble.py --drop-rate 0.1      # dropout in training too
 
 Trained models are kept in ``--cache`` (default ``$TMPDIR/xorbit-ensemble``)
 and reused by later runs with the same settings.
@@ -81,13 +82,18 @@ KEYS = (
 )
 
 
-def trained(coarse, fine, args, seed: int, **options) -> tuple[xorbit.Downscaler, float]:
+def trained(
+    coarse, fine, args, seed: int, drop_rate: float = 0.0, **options
+) -> tuple[xorbit.Downscaler, float]:
     """The demo recipe with ``options``, trained once and cached; (model, seconds)."""
     tag = "_".join(f"{k}{v}" for k, v in sorted(options.items())) or "demo"
+    tag += f"_drop{drop_rate}" if drop_rate else ""
     path = args.cache / f"tiny_{tag}_e{args.epochs}_s{seed}.xorbit"
     if path.exists():
         return xorbit.load(path), float("nan")
-    config = xorbit.ReslimConfig.preset("tiny", factor=4, in_vars=[VAR], out_vars=[VAR])
+    config = xorbit.ReslimConfig.preset(
+        "tiny", factor=4, in_vars=[VAR], out_vars=[VAR], drop_rate=drop_rate
+    )
     is_train = fine.time.dt.year <= SPLIT
     t0 = time.perf_counter()
     dsr = xorbit.train(
@@ -143,6 +149,7 @@ def main() -> None:
     ap.add_argument("--cross-fit", type=int, default=None, help="TrainOptions.cross_fit")
     ap.add_argument("--no-linear-path", action="store_true", help="linear_path=False")
     ap.add_argument("--tv-lambda", type=float, default=None, help="TrainOptions.tv_lambda")
+    ap.add_argument("--drop-rate", type=float, default=0.0, help="the stochastic model's dropout")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "xorbit-ensemble")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -162,7 +169,7 @@ def main() -> None:
     cost = []
     for seed in args.seeds:
         demo, _ = trained(coarse, fine, args, seed)
-        ens, _ = trained(coarse, fine, args, seed, **options)
+        ens, _ = trained(coarse, fine, args, seed, drop_rate=args.drop_rate, **options)
         det = test.orbit.downscale(demo, device="cpu").compute()
         t0 = time.perf_counter()
         zero = test.orbit.downscale(ens, device="cpu").compute()
@@ -188,6 +195,7 @@ def main() -> None:
         f"{f', cross_fit={args.cross_fit}' if args.cross_fit else ''}"
         f"{', linear_path=False' if args.no_linear_path else ''}"
         f"{f', tv_lambda={args.tv_lambda}' if args.tv_lambda is not None else ''}"
+        f"{f', drop_rate={args.drop_rate}' if args.drop_rate else ''}"
         "; mean ± std over seeds"
     )
     for name, runs in rows.items():
