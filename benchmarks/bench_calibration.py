@@ -43,9 +43,13 @@ SPLIT = 2040
 CALIBRATE_UNTIL = 2070  # alpha is fitted on 2041-2070, scored on 2071-2099
 
 
-def trained(coarse, fine, epochs: int, seed: int, cache: Path, **overrides) -> xorbit.Downscaler:
-    """The demo recipe with config ``overrides``, trained once and cached."""
-    tag = "_".join(f"{k}{v}" for k, v in sorted(overrides.items())) or "demo"
+def trained(
+    coarse, fine, epochs: int, seed: int, cache: Path, options=None, **overrides
+) -> xorbit.Downscaler:
+    """The demo recipe with config ``overrides`` and training ``options``, trained
+    once and cached (also for `bench_ensemble.py`)."""
+    options = options or {}
+    tag = "_".join(f"{k}{v}" for k, v in sorted({**overrides, **options}.items())) or "demo"
     path = cache / f"tiny_{tag}_e{epochs}_s{seed}.xorbit"
     if path.exists():
         return xorbit.load(path)
@@ -62,6 +66,7 @@ def trained(coarse, fine, epochs: int, seed: int, cache: Path, **overrides) -> x
         seed=seed,
         device="cpu",
         progress=False,
+        **options,
     )
     print(f"trained {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
     cache.mkdir(parents=True, exist_ok=True)

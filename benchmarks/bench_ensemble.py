@@ -48,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+from bench_calibration import SPLIT, trained
 
 import xorbit
 from xorbit.datasets import hadcm3_air_temperature
@@ -62,8 +63,6 @@ from xorbit.metrics import (
     spread_skill,
 )
 
-VAR = "air_temperature"
-SPLIT = 2040
 LATE = 2070  # the MC-dropout benchmark scores its calibrated ensemble on 2071-2099
 KEYS = (
     "rmse_det",
@@ -80,37 +79,6 @@ KEYS = (
     "ge_det",
     "ralsd",
 )
-
-
-def trained(
-    coarse, fine, args, seed: int, drop_rate: float = 0.0, **options
-) -> tuple[xorbit.Downscaler, float]:
-    """The demo recipe with ``options``, trained once and cached; (model, seconds)."""
-    tag = "_".join(f"{k}{v}" for k, v in sorted(options.items())) or "demo"
-    tag += f"_drop{drop_rate}" if drop_rate else ""
-    path = args.cache / f"tiny_{tag}_e{args.epochs}_s{seed}.xorbit"
-    if path.exists():
-        return xorbit.load(path), float("nan")
-    config = xorbit.ReslimConfig.preset(
-        "tiny", factor=4, in_vars=[VAR], out_vars=[VAR], drop_rate=drop_rate
-    )
-    is_train = fine.time.dt.year <= SPLIT
-    t0 = time.perf_counter()
-    dsr = xorbit.train(
-        coarse.sel(time=is_train),
-        fine.sel(time=is_train),
-        config,
-        epochs=args.epochs,
-        seed=seed,
-        device="cpu",
-        progress=False,
-        **options,
-    )
-    seconds = time.perf_counter() - t0
-    print(f"trained {path.name} in {seconds:.0f} s", flush=True)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    dsr.save(path)
-    return dsr, seconds
 
 
 def scores(members, det, truth) -> dict[str, float]:
@@ -168,8 +136,9 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {p: [] for p in periods}
     cost = []
     for seed in args.seeds:
-        demo, _ = trained(coarse, fine, args, seed)
-        ens, _ = trained(coarse, fine, args, seed, drop_rate=args.drop_rate, **options)
+        demo = trained(coarse, fine, args.epochs, seed, args.cache)
+        drop = {"drop_rate": args.drop_rate} if args.drop_rate else {}
+        ens = trained(coarse, fine, args.epochs, seed, args.cache, options, **drop)
         det = test.orbit.downscale(demo, device="cpu").compute()
         t0 = time.perf_counter()
         zero = test.orbit.downscale(ens, device="cpu").compute()

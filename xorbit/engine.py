@@ -317,16 +317,8 @@ def window_noise(
     global pixels: overlapping windows see the same noise where they overlap,
     so members are seamless across tiles and chunks.
     """
-    ranges = [range(int(o), int(o) + int(n)) for o, n in zip(lead_offset, lead_shape, strict=True)]
-    leads = list(itertools.product(*ranges))
-    keys = [
-        int(
-            np.random.SeedSequence([seed, member, len(lead_shape), *lead]).generate_state(
-                1, np.uint64
-            )[0]
-        )
-        for lead in leads
-    ]
+    n_lead = len(lead_shape)
+    keys = [_hash(seed, member, n_lead, *lead) for lead in _leads(lead_shape, lead_offset)]
     (hy, hx), (wy, wx) = plan.halo, plan.window
     shape = (plan.y.size, plan.x.size)
     out: list[np.ndarray] = []
@@ -351,18 +343,21 @@ def window_seeds(
     index along the leading dims: the same window gets the same masks however
     the array is chunked or batched.
     """
-    ranges = [range(int(o), int(o) + int(n)) for o, n in zip(lead_offset, lead_shape, strict=True)]
-    leads = list(itertools.product(*ranges))  # C order, as the block's lead reshape
+    leads = _leads(lead_shape, lead_offset)
     n_lead = len(lead_shape)
-    return [
-        int(
-            np.random.SeedSequence([seed, member, iy, ix, n_lead, *lead]).generate_state(
-                1, np.uint64
-            )[0]
-        )
-        for iy, ix in tiles
-        for lead in leads
-    ]
+    return [_hash(seed, member, iy, ix, n_lead, *lead) for iy, ix in tiles for lead in leads]
+
+
+def _leads(lead_shape: Sequence[int], lead_offset: Sequence[int]) -> list[tuple[int, ...]]:
+    """Global indices of a block's samples along the leading dims, in C order (as
+    the block's lead reshape)."""
+    ranges = [range(int(o), int(o) + int(n)) for o, n in zip(lead_offset, lead_shape, strict=True)]
+    return list(itertools.product(*ranges))
+
+
+def _hash(*words: int) -> int:
+    """A 64-bit hash of non-negative integers (numpy ``SeedSequence``)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0])
 
 
 def predict_block(
@@ -624,7 +619,8 @@ def downscale_array(
 
 
 def _members(cfg: ReslimConfig, samples: int | None, seed: int) -> list[tuple[int, int]] | None:
-    """``(seed, member)`` of each MC-dropout member, checked; ``None`` when deterministic."""
+    """``(seed, member)`` of each member (noise or MC dropout), checked; ``None``
+    when deterministic."""
     if samples is None:
         return None
     if isinstance(samples, bool) or int(samples) != samples or samples < 1:

@@ -551,21 +551,15 @@ def rank_histogram(pred, truth, sample_dim: Hashable = "sample") -> xr.DataArray
     """
     import xskillscore as xs
 
-    if isinstance(pred, xr.Dataset) or isinstance(truth, xr.Dataset):
-        # every variable's points together
-        names = list(pred.data_vars) if isinstance(pred, xr.Dataset) else [None]
-        parts = [
-            _ranked_points(
-                pred[v] if v is not None else pred,
-                truth[v] if isinstance(truth, xr.Dataset) else truth,
-                sample_dim,
-            )
-            for v in names
-        ]
-        obs = xr.concat([o for o, _ in parts], "point")
-        ens = xr.concat([e for _, e in parts], "point")
-    else:
-        obs, ens = _ranked_points(pred, truth, sample_dim)
+    # a Dataset: every variable's points together
+    pairs = (
+        [(pred[v], truth[v]) for v in pred.data_vars]
+        if isinstance(pred, xr.Dataset)
+        else [(pred, truth)]
+    )
+    parts = [_ranked_points(p, t, sample_dim) for p, t in pairs]
+    obs = xr.concat([o for o, _ in parts], "point")
+    ens = xr.concat([e for _, e in parts], "point")
     # xskillscore breaks ties (rare in continuous fields) with numpy's legacy
     # global generator: seeded here, and the caller's state put back
     state = np.random.get_state()  # noqa: NPY002
