@@ -187,6 +187,14 @@ def test_a_short_record_does_not_keep_a_path_that_extrapolates_badly():
     short = xorbit.train(coarsen(few, 4), few, cfg, epochs=1, progress=False, device="cpu")
     assert float(short.model.linear.coef.abs().sum()) == 0.0
     assert not any("gate_rmse_ratio" in h for h in short.history)
+    # the same rule where the gate does not run (a validation set): it kept
+    # the path fitted on 5 years before
+    kw = dict(epochs=1, progress=False, device="cpu", val_fraction=0.2)
+    held = xorbit.train(coarsen(few, 4), few, cfg, **kw)
+    assert float(held.model.linear.coef.abs().sum()) == 0.0
+    # gate=False asks for the path whatever the record
+    forced = xorbit.train(coarsen(few, 4), few, cfg, gate=False, **kw)
+    assert float(forced.model.linear.coef.abs().sum()) > 0.0
 
 
 def test_cross_fitting_shows_the_network_out_of_fold_residuals():

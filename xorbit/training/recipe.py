@@ -568,8 +568,9 @@ def run_training(
         # fits the path itself, on its own split of the training years
         return linear.fit_gated(dsr, parts[0], parts[0].data, opts, run)
     crops = parts[0] if not multi else CropMix(list(parts))
-    if has_linear and opts.ensemble and opts.gate and linear.too_short(len(parts[0].data)):
-        # an ensemble skips the gate, not its rule for short records
+    if has_linear and opts.gate and linear.too_short(len(parts[0].data)):
+        # a run the gate does not decide (an ensemble, a validation set, a run
+        # in parts) still keeps its rule for short records
         dsr.model.linear.clear()
     elif has_linear:
         # closed form, on the training years: the network then trains on what it leaves
