@@ -31,6 +31,7 @@ How to run
     .venv/bin/python benchmarks/bench_ensemble.py --no-linear-path     # the network alone
     .venv/bin/python benchmarks/bench_ensemble.py --tv-lambda 0        # no TV prior on the members
     .venv/bin/python benchmarks/bench_ensemble.py --drop-rate 0.1      # dropout in training too
+    .venv/bin/python benchmarks/bench_ensemble.py --noise-members mirrored
 
 Trained models are kept in ``--cache`` (default ``$TMPDIR/xorbit-ensemble``)
 and reused by later runs with the same settings.
@@ -118,6 +119,12 @@ def main() -> None:
     ap.add_argument("--no-linear-path", action="store_true", help="linear_path=False")
     ap.add_argument("--tv-lambda", type=float, default=None, help="TrainOptions.tv_lambda")
     ap.add_argument("--drop-rate", type=float, default=0.0, help="the stochastic model's dropout")
+    ap.add_argument(
+        "--noise-members",
+        choices=("independent", "mirrored"),
+        default=None,
+        help="ReslimConfig.noise_members (default: the config's)",
+    )
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "xorbit-ensemble")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -138,6 +145,8 @@ def main() -> None:
     for seed in args.seeds:
         demo = trained(coarse, fine, args.epochs, seed, args.cache)
         drop = {"drop_rate": args.drop_rate} if args.drop_rate else {}
+        if args.noise_members:
+            drop["noise_members"] = args.noise_members
         ens = trained(coarse, fine, args.epochs, seed, args.cache, options, **drop)
         det = test.orbit.downscale(demo, device="cpu").compute()
         t0 = time.perf_counter()
@@ -165,6 +174,7 @@ def main() -> None:
         f"{', linear_path=False' if args.no_linear_path else ''}"
         f"{f', tv_lambda={args.tv_lambda}' if args.tv_lambda is not None else ''}"
         f"{f', drop_rate={args.drop_rate}' if args.drop_rate else ''}"
+        f"{f', noise_members={args.noise_members}' if args.noise_members else ''}"
         "; mean ± std over seeds"
     )
     for name, runs in rows.items():

@@ -64,6 +64,8 @@ def test_dict_and_yaml_round_trip():
         (dict(in_vars=["a"], out_vars=["a"], embed_dim=30, num_heads=4), "not divisible"),
         (dict(in_vars=["a"], out_vars=["a"], unpatchify="flat"), "unpatchify must be"),
         (dict(in_vars=[], out_vars=["a"]), "in_vars is empty"),
+        (dict(in_vars=["a"], out_vars=["a"], noise_members="paired"), "noise_members must be"),
+        (dict(in_vars=["a"], out_vars=["a"], noise_channels=-1), "noise_channels must be"),
     ],
 )
 def test_invalid_configs_name_the_field(kwargs, message):

@@ -1,5 +1,6 @@
 """Stochastic Reslim: noise channels, the fair CRPS, seamless members, ensemble scores."""
 
+import dataclasses
 import warnings
 
 import dask.array as da
@@ -18,7 +19,7 @@ from tests.test_train import fine_field, small_config
 from xorbit import coarsen
 from xorbit.engine import downscale_array, field_noise, window_noise
 from xorbit.metrics import gradient_energy, rank_flatness, rank_histogram
-from xorbit.model.loss import fair_crps_loss
+from xorbit.model.loss import fair_crps_loss, mirror
 from xorbit.model.reslim import Reslim
 from xorbit.tiles import TilePlan
 from xorbit.training import TrainOptions, train
@@ -105,6 +106,46 @@ def test_fair_crps_refuses_one_member_and_mismatched_shapes():
         fair_crps_loss(torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
     with pytest.raises(ValueError, match=r"\[B, M, V, H, W\]"):
         fair_crps_loss(torch.zeros(1, 2, 1, 2, 2), torch.zeros(1, 2, 2, 2))
+
+
+def test_mirrored_fair_crps_leaves_each_pair_out_of_the_spread_term():
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.randn(2, 3, 1, 4, 3, generator=gen)
+    centre = torch.randn(2, 1, 1, 4, 3, generator=gen)
+    x = mirror(draws, centre)
+    assert x.shape == (2, 6, 1, 4, 3)
+    torch.testing.assert_close(x[:, 1], 2 * centre[:, 0] - draws[:, 0])
+    np.testing.assert_allclose(mirror(draws.numpy(), centre.numpy()), x.numpy())
+    y = torch.randn(2, 1, 4, 3, generator=gen)
+    xs, ys = x.numpy(), y.numpy()
+    skill = np.abs(xs - ys[:, None]).mean(1)
+    diff = np.abs(xs[:, :, None] - xs[:, None, :])
+    partner = np.arange(6) ^ 1  # 0-1, 2-3, 4-5
+    diff[:, np.arange(6), partner] = 0
+    pairs = diff.sum((1, 2)) / (2 * 6 * 4)
+    got = float(fair_crps_loss(x, y, mirrored=True))
+    assert got == pytest.approx(float(np.mean(skill - pairs)), rel=1e-5)
+    # the partners' differences are large: counting them would understate the CRPS
+    assert got > float(fair_crps_loss(x, y)) + 1e-3
+    for m in (2, 5):
+        with pytest.raises(ValueError, match="pairs"):
+            fair_crps_loss(torch.zeros(1, m, 1, 2, 2), torch.zeros(1, 1, 2, 2), mirrored=True)
+
+
+def test_mirrored_fair_crps_learns_the_true_spread():
+    """Mirrored pairs about the true centre: the loss's minimum is at the
+    truth's spread, as for independent members."""
+    torch.manual_seed(0)
+    log_s = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([log_s], lr=0.05)
+    for _ in range(400):
+        y = torch.randn(64, 1, 8, 8)
+        draws = log_s.exp() * torch.randn(64, 2, 1, 8, 8)
+        loss = fair_crps_loss(mirror(draws, torch.zeros(64, 1, 1, 8, 8)), y, mirrored=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(log_s.detach().exp()) == pytest.approx(1.0, abs=0.1)
 
 
 # ------------------------------------------------------------------ the model
@@ -215,6 +256,37 @@ def test_members_differ_are_seeded_and_do_not_depend_on_chunks(dsr):
     assert min(np.abs(det - m)[ok].mean() for m in a) > 1e-2
 
 
+def test_mirrored_members_are_pairs_about_the_zero_noise_member(monkeypatch):
+    mir = dropout_downscaler(
+        drop_rate=0.0, drop_path=0.0, noise_channels=3, noise_members="mirrored"
+    )
+    x = coarse()
+    calls = []
+    real = xorbit.engine.predict_block
+
+    def counted(*args, **kw):
+        calls.append(kw.get("mc"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(xorbit.engine, "predict_block", counted)
+    a = downscale_array(x, mir, **TILES, samples=5, seed=2)
+    # 5 members: 3 draws and the centre, 4 passes
+    assert calls == [(2, 0), (2, 1), (2, 2), None]
+    centre = downscale_array(x, mir, **TILES)
+    for p in (0, 1):
+        np.testing.assert_allclose(a[2 * p : 2 * p + 2].mean(0), centre, rtol=0, atol=1e-4)
+    assert np.abs(a[0] - a[2]).mean() > 1e-2 and np.abs(a[0] - centre).mean() > 1e-2
+    np.testing.assert_array_equal(a[:4], downscale_array(x, mir, **TILES, samples=4, seed=2))
+    # the draws are the independent model's members 0, 1, 2 for the same weights
+    ind = dataclasses.replace(mir, model=Reslim(mir.config.replace(noise_members="independent")))
+    ind.model.load_state_dict(mir.model.state_dict())
+    np.testing.assert_allclose(
+        downscale_array(x, ind, **TILES, samples=3, seed=2), a[0::2], rtol=0, atol=1e-5
+    )
+    lazy = downscale_array(da.from_array(x, chunks=(1, 1, 5, 7)), mir, **TILES, samples=5, seed=2)
+    np.testing.assert_allclose(lazy.compute(), a, rtol=1e-5, atol=0)
+
+
 def test_members_are_seamless_across_tiles(dsr):
     """Tiles blend member fields drawn from the same global noise: a member
     downscaled in small tiles differs from the whole-domain member no more
@@ -261,6 +333,22 @@ def test_train_with_an_ensemble_builds_noise_and_learns_spread():
         torch.testing.assert_close(again.model.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(ValueError, match="ensemble must be 0"):
         TrainOptions(ensemble=1)
+
+
+def test_train_mirrored_members_learns_spread_about_a_centre():
+    fine = fine_field(nt=24, n=32)
+    crs = coarsen(fine, 4)
+    kw = dict(epochs=4, batch_size=4, progress=False, seed=0, device="cpu")
+    d = train(crs, fine, small_config(noise_members="mirrored"), ensemble=4, **kw)
+    assert d.config.noise_members == "mirrored" and d.config.noise_channels > 0
+    assert d.history[-1]["loss"] < d.history[0]["loss"]
+    x = crs.isel(time=slice(0, 3))
+    members = x.orbit.downscale(d, samples=4, seed=0)
+    assert float(members.std("sample").mean()) > 0.05  # K
+    xr.testing.assert_allclose(members.mean("sample"), x.orbit.downscale(d), atol=1e-4)
+    for m in (3, 2):
+        with pytest.raises(ValueError, match=f"ensemble={m}: .*mirrored"):
+            train(crs, fine, small_config(noise_members="mirrored"), ensemble=m, **kw)
 
 
 def test_cross_fitting_applies_without_the_gate():

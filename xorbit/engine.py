@@ -595,27 +595,45 @@ def downscale_array(
         res_km=None if res_km is None else float(res_km),
     )
     finish: dict[str, Any] = dict(mean=out_mean, std=out_std, floor=floor, factor=cfg.factor)
-    # MC-dropout members: each the deterministic computation with sampled masks.
+    # members: each the deterministic computation with sampled masks or noise.
     # On Dask the members are separate graphs stacked (sharing the input and the
     # model node), so members run in parallel and each output chunk holds one
     # member, as a per-member task axis would not
-    runs = [run] if members is None else [{**run, "mc": mc} for mc in members]
+    runs = [run] if members is None else [{**run, "mc": mc} for mc in _draws(cfg, members)]
+    if members is not None and cfg.noise_channels and cfg.noise_members == "mirrored":
+        runs.append(run)  # the centre the draws are mirrored about
     if isinstance(x, da.Array):
         # a new name: astype is untyped, so mypy would forget x is a dask array
         x32 = x.astype(np.float32)
-        lazy = [_downscale_dask(x32, out_idx, r, finish, copies=len(runs)) for r in runs]
-        return lazy[0] if members is None else da.stack(lazy)
+        parts = [_stage1_dask(x32, r, len(out_idx), copies=len(runs)) for r in runs]
+        lazy = [_fold_dask(p, x32, out_idx, plan, finish) for p in _member_parts(cfg, parts)]
+        return lazy[0] if members is None else da.stack(lazy[: len(members)])
     x = np.asarray(x, dtype=np.float32)
     padded = pad_halo(x, plan)
+    arrays = [_predict(padded, origin=(0, 0), core_shape=(ny, nx), **r) for r in runs]
     outs = [
-        _finish(
-            fold_alone(_predict(padded, origin=(0, 0), core_shape=(ny, nx), **r), plan),
-            x[..., out_idx, :, :],
-            **finish,
-        )
-        for r in runs
+        _finish(fold_alone(p, plan), x[..., out_idx, :, :], **finish)
+        for p in _member_parts(cfg, arrays)
     ]
-    return outs[0] if members is None else np.stack(outs)
+    return outs[0] if members is None else np.stack(outs[: len(members)])
+
+
+def _draws(cfg: ReslimConfig, members: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ``(seed, draw)`` each forward pass takes: one per member, or for
+    mirrored members one per pair (`ReslimConfig.noise_members`)."""
+    if cfg.noise_channels and cfg.noise_members == "mirrored":
+        return members[: (len(members) + 1) // 2]
+    return members
+
+
+def _member_parts(cfg: ReslimConfig, parts: list) -> list:
+    """Stage-1 partials of each member from those of the passes: the passes
+    themselves, or mirrored, ``draw`` and ``2 centre - draw`` of each pair (the
+    fold is linear, so mirroring the partials mirrors the fields)."""
+    if len(parts) < 2 or not (cfg.noise_channels and cfg.noise_members == "mirrored"):
+        return parts
+    *draws, centre = parts
+    return [m for d in draws for m in (d, 2 * centre - d)]
 
 
 def _members(cfg: ReslimConfig, samples: int | None, seed: int) -> list[tuple[int, int]] | None:
@@ -667,33 +685,45 @@ def _finish(
     return np.where(nan, np.float32(np.nan), out).astype(np.float32, copy=False)
 
 
-def _downscale_dask(
-    raw: da.Array, out_idx: list[int], run: dict, finish: dict, copies: int = 1
-) -> da.Array:
-    """Stages 1 and 2 on Dask, then denormalize: one task per block each.
+def _stage1_dask(raw: da.Array, run: dict, n_out: int, copies: int = 1) -> da.Array:
+    """Stage 1 on Dask (`_stage1_graph`): one task per block, on the blocks'
+    chunks (`block_chunks`).
 
-    ``copies``: how many such graphs (MC-dropout members) compute together,
-    for each task's share of the cores.
+    ``copies``: how many such graphs (members) compute together, for each
+    task's share of the cores.
     """
     plan: TilePlan = run["plan"]
-    k = plan.factor
-    hy, hx = plan.halo
+    run = dict(run)
+    handle: ModelHandle = run.pop("handle")
+    raw = _block_chunked(raw, plan)
+    return _stage1_graph(raw, _model_node(handle), handle.key, plan, n_out, run, copies)
+
+
+def _block_chunked(raw: da.Array, plan: TilePlan) -> da.Array:
+    """``raw`` rechunked to whole channels and the tile plan's blocks."""
     n_lead = raw.ndim - 3
-    n_out = len(out_idx)
     ychunks = block_chunks(plan.y, raw.chunks[-2][0])
     xchunks = block_chunks(plan.x, raw.chunks[-1][0])
-    raw = raw.rechunk((*raw.chunks[:n_lead], raw.shape[-3], ychunks, xchunks))
-    handle: ModelHandle = run.pop("handle")
-    partial = _stage1_graph(raw, _model_node(handle), handle.key, plan, n_out, run, copies)
+    return raw.rechunk((*raw.chunks[:n_lead], raw.shape[-3], ychunks, xchunks))
+
+
+def _fold_dask(
+    partial: da.Array, raw: da.Array, out_idx: list[int], plan: TilePlan, finish: dict
+) -> da.Array:
+    """Stage 2 on Dask: fold the partials' halos, then denormalize."""
+    k = plan.factor
+    hy, hx = plan.halo
+    raw = _block_chunked(raw, plan)
+    n_lead = raw.ndim - 3
     return _fold_neighbours(
         partial,
         (hy * k, hx * k),
         periodic_x=plan.x.periodic,
         chunks=(
             *raw.chunks[:n_lead],
-            (n_out,),
-            tuple(c * k for c in ychunks),
-            tuple(c * k for c in xchunks),
+            (len(out_idx),),
+            tuple(c * k for c in raw.chunks[-2]),
+            tuple(c * k for c in raw.chunks[-1]),
         ),
         coarse=raw,
         finish=functools.partial(_finish_block, out_idx=tuple(out_idx), **finish),

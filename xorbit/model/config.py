@@ -17,6 +17,7 @@ import yaml
 
 __all__ = [
     "NOISE_CHANNELS",
+    "NOISE_MEMBERS",
     "PRESETS",
     "REFERENCE_IN_VARS",
     "REFERENCE_OUT_VARS",
@@ -54,6 +55,10 @@ REFERENCE_OUT_VARS = ("total_precipitation_24hr", "2m_temperature_min", "2m_temp
 # training defaults (learning rate, batch size) are `xorbit.training.TrainOptions`'.
 #: noise channels of a stochastic model that `xorbit.train(ensemble=)` builds
 NOISE_CHANNELS = 4
+
+
+#: how a stochastic model's members are drawn (`ReslimConfig.noise_members`)
+NOISE_MEMBERS = ("independent", "mirrored")
 
 
 def noise_names(n: int) -> list[str]:
@@ -164,6 +169,14 @@ class ReslimConfig:
         gives one ensemble member.  ``0`` (default): a deterministic model.
         ``xorbit.train(..., ensemble=M)`` sets it (to `NOISE_CHANNELS`) when
         the config has none.
+    noise_members
+        How a stochastic model's members are drawn.  ``"independent"``: one
+        forward pass per member, each with its own noise.  ``"mirrored"``: in
+        pairs mirrored about the member at zero noise ``c``: a draw ``x`` and
+        ``2 c - x``.  The predictive distribution is then symmetric about
+        ``c``, which is the mean of every even number of members exactly, and
+        ``N`` members cost ``N / 2 + 1`` passes.  A property of how the model
+        is trained (``fair_crps_loss(mirrored=True)``) as well as drawn.
 
     Notes
     -----
@@ -197,6 +210,7 @@ class ReslimConfig:
     linear_window: tuple[int, int] | None = None
     linear_half: int | None = None
     noise_channels: int = 0
+    noise_members: Literal["independent", "mirrored"] = "independent"
 
     def __post_init__(self) -> None:
         self.in_vars = list(self.in_vars)
@@ -231,6 +245,11 @@ class ReslimConfig:
         if not _is_int(self.noise_channels) or self.noise_channels < 0:
             raise ValueError(
                 f"ReslimConfig: noise_channels must be an int >= 0, got {self.noise_channels!r}"
+            )
+        if self.noise_members not in NOISE_MEMBERS:
+            raise ValueError(
+                f"ReslimConfig: noise_members must be one of {NOISE_MEMBERS}, "
+                f"got {self.noise_members!r}"
             )
         for name in ("factor", "patch_size", "cnn_ratio", "embed_dim", "depth", "num_heads"):
             if int(getattr(self, name)) < 1:
@@ -380,6 +399,31 @@ class ReslimConfig:
             if all(getattr(self, k) == v for k, v in params.items()):
                 return name
         return None
+
+    def member_passes(self, members: int) -> int:
+        """Forward passes ``members`` members of one sample take (`noise_members`):
+        one each, or mirrored one per pair and one at zero noise."""
+        if self.noise_members == "mirrored":
+            return (int(members) + 1) // 2 + 1
+        return int(members)
+
+    def check_ensemble(self, members: int) -> None:
+        """Raise ``ValueError`` unless this model trains on ``members`` members per
+        sample (`xorbit.train`'s ``ensemble=``; ``0``: deterministic, always)."""
+        if not members:
+            return
+        if not self.noise_channels:
+            raise ValueError(
+                f"ensemble={members} trains a stochastic model, but this model has "
+                "noise_channels=0; build it with ReslimConfig(noise_channels=...) "
+                "(xorbit.train does so itself)"
+            )
+        if self.noise_members == "mirrored" and (members % 2 or members < 4):
+            raise ValueError(
+                f"ensemble={members}: a model with noise_members='mirrored' trains on "
+                "pairs of members, at least two pairs: pass an even ensemble >= 4 "
+                "(or noise_members='independent')"
+            )
 
     def replace(self, **changes: Any) -> ReslimConfig:
         """A copy with some fields changed (validated again)."""

@@ -264,7 +264,8 @@ def _noise_config(config: ReslimConfig, opts: TrainOptions) -> ReslimConfig:
     """An ensemble's config has noise channels (`NOISE_CHANNELS` unless it has
     some); a config with noise trained without ``ensemble=`` is warned about."""
     if opts.ensemble and not config.noise_channels:
-        return config.replace(noise_channels=NOISE_CHANNELS)
+        config = config.replace(noise_channels=NOISE_CHANNELS)
+    config.check_ensemble(opts.ensemble)
     if config.noise_channels and not opts.ensemble:
         warnings.warn(
             f"this model has noise_channels={config.noise_channels} but trains without "

@@ -209,8 +209,8 @@ def _strategy(
         name, memory = choose_strategy(
             dsr.config,
             opts.strategy,
-            # an ensemble's forward runs every sample once per member
-            batch_size=opts.batch_size * max(1, opts.ensemble),
+            # an ensemble's forward runs every sample once per member (pair)
+            batch_size=opts.batch_size * max(1, dsr.config.member_passes(opts.ensemble)),
             workers=len(workers),
             limit=limit,
             precision="bf16" if cuda else "fp32",

@@ -41,7 +41,7 @@ from .._files import atomic_write
 from ..downscaler import Downscaler
 from ..engine import downscale_array
 from ..model.config import ReslimConfig
-from ..model.loss import bayesian_tv_loss, fair_crps_loss
+from ..model.loss import bayesian_tv_loss, fair_crps_loss, mirror
 from ..regrid import upsample_array
 from .samples import CropMix, PairedArrays, PairedCrops
 from .sharding import (
@@ -442,12 +442,7 @@ def fit(
     stop_after
         Stop after this epoch (counting from 1) as if killed: for tests.
     """
-    if opts.ensemble and not dsr.config.noise_channels:
-        raise ValueError(
-            f"ensemble={opts.ensemble} trains a stochastic model, but this model has "
-            "noise_channels=0; build it with ReslimConfig(noise_channels=...) (xorbit.train "
-            "does so itself)"
-        )
+    dsr.config.check_ensemble(opts.ensemble)
     device = torch.device(opts.device)
     model = dsr.model.to(device).train()
     model.checkpoint_activations = bool(opts.checkpoint_activations)
@@ -713,21 +708,31 @@ def _loss(
     """One batch's training loss: Bayesian TV, or with ``opts.ensemble`` members of
     a stochastic model (each sample repeated, fresh noise each) the fair CRPS."""
     m = opts.ensemble
+    mirrored = bool(m) and cfg.noise_members == "mirrored"
     kw: dict[str, Any] = {}
     if m:
-        x = x.repeat_interleave(m, dim=0)
+        # mirrored: m / 2 draws and the member at zero noise, the last
+        n = cfg.member_passes(m)
+        x = x.repeat_interleave(n, dim=0)
         if res_km is not None and res_km.ndim:
-            res_km = res_km.repeat_interleave(m)
-        kw["noise"] = torch.randn(x.shape[0], cfg.noise_channels, *x.shape[-2:], device=x.device)
+            res_km = res_km.repeat_interleave(n)
+        noise = torch.randn(x.shape[0], cfg.noise_channels, *x.shape[-2:], device=x.device)
+        if mirrored:
+            noise.unflatten(0, (-1, n))[:, -1] = 0
+        kw["noise"] = noise
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         pred = net(x, cfg.in_vars, res_km=res_km, **kw)
     if m:
+        members = pred.float().unflatten(0, (-1, n))
+        if mirrored:
+            members = mirror(members[:, :-1], members[:, -1:])
         return fair_crps_loss(
-            pred.float().unflatten(0, (-1, m)),
+            members,
             y,
             lam=opts.tv_lambda,
             lat_weights=lw,
             var_weights=var_weights,
+            mirrored=mirrored,
         )
     return bayesian_tv_loss(
         pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=var_weights
