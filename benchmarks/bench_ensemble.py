@@ -20,8 +20,9 @@ What it measures
     members, the mean and the deterministic field over the truth's; RALSD of
     the members.  ``rmse_inf`` is the RMSE the mean of infinitely many members
     would have: the N-member mean's squared error less ``var / N`` (the
-    sampling variance of a mean of N members).  Cost: members per second against deterministic downscales
-    per second.  Means and spreads over the seeds come last.
+    sampling variance of a mean of N members; independent members only).
+    Cost: members per second against deterministic downscales per second.
+    Means and spreads over the seeds come last.
 
 How to run
     .venv/bin/python benchmarks/bench_ensemble.py                      # 3 seeds, M 8, N 16, 40 epochs
@@ -32,6 +33,8 @@ How to run
     .venv/bin/python benchmarks/bench_ensemble.py --tv-lambda 0        # no TV prior on the members
     .venv/bin/python benchmarks/bench_ensemble.py --drop-rate 0.1      # dropout in training too
     .venv/bin/python benchmarks/bench_ensemble.py --noise-members mirrored
+    .venv/bin/python benchmarks/bench_ensemble.py --draw antithetic     # the same models, z and -z
+    .venv/bin/python benchmarks/bench_ensemble.py --noise-members antithetic
 
 Trained models are kept in ``--cache`` (default ``$TMPDIR/xorbit-ensemble``)
 and reused by later runs with the same settings.
@@ -63,6 +66,7 @@ from xorbit.metrics import (
     rmse,
     spread_skill,
 )
+from xorbit.model.config import NOISE_MEMBERS
 
 LATE = 2070  # the MC-dropout benchmark scores its calibrated ensemble on 2071-2099
 KEYS = (
@@ -82,21 +86,19 @@ KEYS = (
 )
 
 
-def scores(members, det, truth) -> dict[str, float]:
+def scores(members, det, truth, independent: bool = True) -> dict[str, float]:
     mean = members.mean("sample")
     g = float(gradient_energy(truth))
+    n = members.sizes["sample"]
+    # the mean of infinitely many members: the N-member mean's squared error
+    # less the sampling variance of a mean of N independent members, var / N
+    # (paired members are not independent: not estimated)
+    inf = float(rmse(mean, truth)) ** 2 - float(members.var("sample", ddof=1).mean()) / n
     return {
         "rmse_det": float(rmse(det, truth)),
         "rmse_zero": float("nan"),  # filled by the caller
         "rmse_mean": float(rmse(mean, truth)),
-        # the mean of infinitely many members: the N-member mean's squared
-        # error less the sampling variance of a mean of N, var / N
-        "rmse_inf": float(
-            np.sqrt(
-                float(rmse(mean, truth)) ** 2
-                - float(members.var("sample", ddof=1).mean()) / members.sizes["sample"]
-            )
-        ),
+        "rmse_inf": float(np.sqrt(inf)) if independent else float("nan"),
         "mae_mean": float(mae(mean, truth)),
         "crps": float(crps(members, truth)),
         "crps/mae": float(crps(members, truth)) / float(mae(mean, truth)),
@@ -121,9 +123,15 @@ def main() -> None:
     ap.add_argument("--drop-rate", type=float, default=0.0, help="the stochastic model's dropout")
     ap.add_argument(
         "--noise-members",
-        choices=("independent", "mirrored"),
+        choices=NOISE_MEMBERS,
         default=None,
         help="ReslimConfig.noise_members (default: the config's)",
+    )
+    ap.add_argument(
+        "--draw",
+        choices=("independent", "antithetic"),
+        default=None,
+        help="draw the members so (Downscaler.drawn; default: as trained)",
     )
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "xorbit-ensemble")
     args = ap.parse_args()
@@ -148,6 +156,8 @@ def main() -> None:
         if args.noise_members:
             drop["noise_members"] = args.noise_members
         ens = trained(coarse, fine, args.epochs, seed, args.cache, options, **drop)
+        if args.draw:
+            ens = ens.drawn(args.draw)
         det = test.orbit.downscale(demo, device="cpu").compute()
         t0 = time.perf_counter()
         zero = test.orbit.downscale(ens, device="cpu").compute()
@@ -158,7 +168,12 @@ def main() -> None:
         cost.append((args.samples / mem_s) / (1 / det_s))
         truth = match_grid(fine.sel(time=fine.time.dt.year > SPLIT), det)
         for name, sel in periods.items():
-            r = scores(members.sel(time=sel), det.sel(time=sel), truth.sel(time=sel))
+            r = scores(
+                members.sel(time=sel),
+                det.sel(time=sel),
+                truth.sel(time=sel),
+                independent=ens.config.noise_members == "independent",
+            )
             r["rmse_zero"] = float(rmse(zero.sel(time=sel), truth.sel(time=sel)))
             rows[name].append(r)
             print(f"seed {seed} {name}: " + ", ".join(f"{k} {r[k]:.4f}" for k in KEYS), flush=True)
@@ -175,6 +190,7 @@ def main() -> None:
         f"{f', tv_lambda={args.tv_lambda}' if args.tv_lambda is not None else ''}"
         f"{f', drop_rate={args.drop_rate}' if args.drop_rate else ''}"
         f"{f', noise_members={args.noise_members}' if args.noise_members else ''}"
+        f"{f', drawn {args.draw}' if args.draw else ''}"
         "; mean ± std over seeds"
     )
     for name, runs in rows.items():

@@ -73,6 +73,15 @@ def test_invalid_configs_name_the_field(kwargs, message):
         ReslimConfig(**kwargs)
 
 
+def test_old_stochastic_configs_keep_drawing_independent_members():
+    new = ReslimConfig(in_vars=["a"], out_vars=["a"], noise_channels=2)
+    assert new.noise_members == "antithetic"
+    d = new.to_dict()
+    assert ReslimConfig.from_dict(d).noise_members == "antithetic"
+    del d["noise_members"]  # saved before the field existed
+    assert ReslimConfig.from_dict(d).noise_members == "independent"
+
+
 def test_from_dict_rejects_unknown_keys():
     d = ReslimConfig(in_vars=["a"], out_vars=["a"]).to_dict()
     d["superres_mag"] = 4

@@ -17,7 +17,7 @@ from tests.test_mc_dropout import coarse, dropout_downscaler
 from tests.test_precip import gamma_precip, precip_config
 from tests.test_train import fine_field, small_config
 from xorbit import coarsen
-from xorbit.engine import downscale_array, field_noise, window_noise
+from xorbit.engine import downscale_array, field_noise, member_noise, window_noise
 from xorbit.metrics import gradient_energy, rank_flatness, rank_histogram
 from xorbit.model.loss import fair_crps_loss, mirror
 from xorbit.model.reslim import Reslim
@@ -123,13 +123,37 @@ def test_mirrored_fair_crps_leaves_each_pair_out_of_the_spread_term():
     partner = np.arange(6) ^ 1  # 0-1, 2-3, 4-5
     diff[:, np.arange(6), partner] = 0
     pairs = diff.sum((1, 2)) / (2 * 6 * 4)
-    got = float(fair_crps_loss(x, y, mirrored=True))
+    got = float(fair_crps_loss(x, y, paired=True))
     assert got == pytest.approx(float(np.mean(skill - pairs)), rel=1e-5)
     # the partners' differences are large: counting them would understate the CRPS
     assert got > float(fair_crps_loss(x, y)) + 1e-3
     for m in (2, 5):
         with pytest.raises(ValueError, match="pairs"):
-            fair_crps_loss(torch.zeros(1, m, 1, 2, 2), torch.zeros(1, 1, 2, 2), mirrored=True)
+            fair_crps_loss(torch.zeros(1, m, 1, 2, 2), torch.zeros(1, 1, 2, 2), paired=True)
+
+
+@pytest.mark.parametrize("mode", ["independent", "antithetic", "mirrored"])
+def test_the_training_loss_draws_the_members_noise_by_mode(mode):
+    from xorbit.training.loop import _loss
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, variables, res_km=None, noise=None):
+            self.noise = noise
+            return torch.nn.functional.interpolate(x[:, :1] + noise[:, :1], scale_factor=2)
+
+    cfg = xorbit.ReslimConfig(
+        in_vars=["a"], out_vars=["a"], factor=2, noise_channels=2, noise_members=mode
+    )
+    net = Recorder()
+    x, y = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 8, 8)
+    loss = _loss(net, cfg, x, y, None, None, TrainOptions(ensemble=4, tv_lambda=0.0), None)
+    assert torch.isfinite(loss)
+    z = net.noise.unflatten(0, (3, -1))
+    assert z.shape[1] == {"independent": 4, "antithetic": 4, "mirrored": 3}[mode]
+    if mode == "mirrored":
+        assert float(z[:, -1].abs().max()) == 0.0 and float(z[:, 0].abs().min()) > 0
+    else:  # antithetic members are drawn so, and train on independent ones
+        assert float((z[:, 1] + z[:, 0]).abs().min()) > 0
 
 
 def test_mirrored_fair_crps_learns_the_true_spread():
@@ -141,7 +165,7 @@ def test_mirrored_fair_crps_learns_the_true_spread():
     for _ in range(400):
         y = torch.randn(64, 1, 8, 8)
         draws = log_s.exp() * torch.randn(64, 2, 1, 8, 8)
-        loss = fair_crps_loss(mirror(draws, torch.zeros(64, 1, 1, 8, 8)), y, mirrored=True)
+        loss = fair_crps_loss(mirror(draws, torch.zeros(64, 1, 1, 8, 8)), y, paired=True)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -287,6 +311,29 @@ def test_mirrored_members_are_pairs_about_the_zero_noise_member(monkeypatch):
     np.testing.assert_allclose(lazy.compute(), a, rtol=1e-5, atol=0)
 
 
+def test_antithetic_members_are_draws_and_their_negatives(dsr):
+    assert dsr.config.noise_members == "antithetic"  # the default
+    anti, ind_dsr = dsr.drawn("antithetic"), dsr.drawn("independent")
+    assert ind_dsr.config.noise_members == "independent"
+    with pytest.raises(ValueError, match="mirrored members need a model trained mirrored"):
+        dsr.drawn("mirrored")
+    with pytest.raises(ValueError, match="deterministic"):
+        dropout_downscaler().drawn("antithetic")
+    plan = TilePlan.build((12, 16), (4, 4), (2, 2), K)
+    args = (plan, [(0, 0), (1, 2)], (2,), (3,))
+    cfg = anti.config
+    np.testing.assert_array_equal(member_noise(cfg, (4, 0), *args), window_noise(4, 0, 3, *args))
+    np.testing.assert_array_equal(member_noise(cfg, (4, 1), *args), -window_noise(4, 0, 3, *args))
+    np.testing.assert_array_equal(member_noise(cfg, (4, 2), *args), window_noise(4, 1, 3, *args))
+    x = coarse()
+    a = downscale_array(x, anti, **TILES, samples=4, seed=5)
+    ind = downscale_array(x, ind_dsr, **TILES, samples=2, seed=5)
+    np.testing.assert_allclose(a[0::2], ind, rtol=0, atol=1e-5)  # the draws: 0, 1
+    assert np.abs(a[1] - ind[1]).mean() > 1e-2
+    lazy = downscale_array(da.from_array(x, chunks=(1, 1, 5, 7)), anti, **TILES, samples=4, seed=5)
+    np.testing.assert_allclose(lazy.compute(), a, rtol=1e-5, atol=0)
+
+
 def test_members_are_seamless_across_tiles(dsr):
     """Tiles blend member fields drawn from the same global noise: a member
     downscaled in small tiles differs from the whole-domain member no more
@@ -335,20 +382,31 @@ def test_train_with_an_ensemble_builds_noise_and_learns_spread():
         TrainOptions(ensemble=1)
 
 
-def test_train_mirrored_members_learns_spread_about_a_centre():
+@pytest.mark.parametrize("mode", ["antithetic", "mirrored"])
+def test_train_paired_members_learns_spread(mode):
+    """Antithetic and mirrored members train, spread, and draw as they should."""
     fine = fine_field(nt=24, n=32)
     crs = coarsen(fine, 4)
     kw = dict(epochs=4, batch_size=4, progress=False, seed=0, device="cpu")
-    d = train(crs, fine, small_config(noise_members="mirrored"), ensemble=4, **kw)
-    assert d.config.noise_members == "mirrored" and d.config.noise_channels > 0
+    d = train(crs, fine, small_config(noise_members=mode), ensemble=4, **kw)
+    assert d.config.noise_members == mode and d.config.noise_channels > 0
     assert d.history[-1]["loss"] < d.history[0]["loss"]
     x = crs.isel(time=slice(0, 3))
     members = x.orbit.downscale(d, samples=4, seed=0)
     assert float(members.std("sample").mean()) > 0.05  # K
-    xr.testing.assert_allclose(members.mean("sample"), x.orbit.downscale(d), atol=1e-4)
-    for m in (3, 2):
-        with pytest.raises(ValueError, match=f"ensemble={m}: .*mirrored"):
-            train(crs, fine, small_config(noise_members="mirrored"), ensemble=m, **kw)
+    centre = x.orbit.downscale(d)
+    if mode == "mirrored":  # the centre is the members' mean
+        xr.testing.assert_allclose(members.mean("sample"), centre, atol=1e-4)
+    else:
+        assert float(abs(members.mean("sample") - centre).max()) > 1e-3
+    if mode == "mirrored":
+        for m in (3, 2):
+            with pytest.raises(ValueError, match=f"ensemble={m}: .*{mode}"):
+                train(crs, fine, small_config(noise_members=mode), ensemble=m, **kw)
+    else:  # trained on independent members: the same weights as independent
+        ind = train(crs, fine, small_config(noise_members="independent"), ensemble=4, **kw)
+        for k, v in d.model.state_dict().items():
+            torch.testing.assert_close(ind.model.state_dict()[k], v, rtol=0, atol=0)
 
 
 def test_cross_fitting_applies_without_the_gate():

@@ -9,6 +9,7 @@ It is what `xorbit.train` returns, what `.orbit.downscale` takes and what
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -162,6 +163,32 @@ class Downscaler:
     def weights_sha256(self) -> str:
         """Hash of the weights: identifies the model in output file histories."""
         return weights_hash(self.model.state_dict())
+
+    def drawn(self, noise_members: str) -> Downscaler:
+        """A copy of this stochastic model whose members are drawn another way:
+        ``"independent"`` or ``"antithetic"`` (`ReslimConfig.noise_members`).
+
+        Both give members of the same distribution, so a model trained one
+        way may be drawn the other.  Mirrored members are a property of how a
+        model is trained, and are refused here.
+
+        >>> anti = dsr.drawn("antithetic")                      # doctest: +SKIP
+        >>> members = coarse.orbit.downscale(anti, samples=16)  # doctest: +SKIP
+        """
+        c = self.config
+        ways = ("independent", "antithetic")
+        if not c.noise_channels:
+            raise ValueError("drawn(): this model is deterministic (noise_channels=0)")
+        if noise_members not in ways or c.noise_members not in ways:
+            raise ValueError(
+                f"drawn(): members are drawn {ways}, from a model trained either way; got "
+                f"{noise_members!r} for a model with noise_members={c.noise_members!r} "
+                "(mirrored members need a model trained mirrored)"
+            )
+        model = Reslim(c.replace(noise_members=noise_members))
+        model.load_state_dict(self.model.state_dict())
+        model.train(self.model.training)
+        return dataclasses.replace(self, model=model)
 
     def __repr__(self) -> str:
         c = self.config

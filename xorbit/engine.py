@@ -68,6 +68,7 @@ __all__ = [
     "default_device",
     "downscale_array",
     "field_noise",
+    "member_noise",
     "model_window",
     "predict_block",
     "run_model",
@@ -329,6 +330,26 @@ def window_noise(
     return np.stack(out) if out else np.zeros((0, channels, wy, wx), np.float32)
 
 
+def member_noise(
+    config: ReslimConfig,
+    mc: tuple[int, int],
+    plan: TilePlan,
+    tiles: Sequence[tuple[int, int]],
+    lead_shape: Sequence[int],
+    lead_offset: Sequence[int],
+) -> np.ndarray:
+    """`window_noise` of member ``mc = (seed, member)``; antithetic members
+    (``config.noise_members``) ``2 p`` and ``2 p + 1`` take draw ``p`` and its
+    negative."""
+    seed, member = mc
+    if config.noise_members != "antithetic":
+        return window_noise(
+            seed, member, config.noise_channels, plan, tiles, lead_shape, lead_offset
+        )
+    z = window_noise(seed, member // 2, config.noise_channels, plan, tiles, lead_shape, lead_offset)
+    return -z if member % 2 else z
+
+
 def window_seeds(
     seed: int,
     member: int,
@@ -415,7 +436,7 @@ def predict_block(
         offset = (0,) * len(lead) if lead_offset is None else tuple(lead_offset)
         n_noise = model.config.noise_channels
         if n_noise:  # a stochastic model: one noise field per member
-            noise = window_noise(*mc, n_noise, plan, tiles, lead, offset)
+            noise = member_noise(model.config, mc, plan, tiles, lead, offset)
         else:  # MC dropout
             seeds = window_seeds(*mc, tiles, lead, offset)
     pred = run_model(

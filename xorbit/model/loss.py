@@ -112,7 +112,7 @@ def fair_crps_loss(
     var_weights: torch.Tensor | Sequence[float] | None = None,
     mask: torch.Tensor | None = None,
     diagonal_weight: float = DIAGONAL_WEIGHT,
-    mirrored: bool = False,
+    paired: bool = False,
 ) -> torch.Tensor:
     """Mean fair (unbiased) CRPS of an ensemble over valid pixels, plus the TV prior.
 
@@ -128,23 +128,25 @@ def fair_crps_loss(
     sorted members, ``2 sum_i (2 i - M - 1) x_(i)``, in ``O(M log M)``.
     Weights and the mask as in `bayesian_tv_loss`.
 
-    ``mirrored=True``: members come in pairs ``(2 p, 2 p + 1)`` mirrored about
-    a centre (``x_{2p+1} = 2 c - x_{2p}``, `ReslimConfig.noise_members`).  The
-    two of a pair are not independent draws, so the pair sum leaves them out:
-    over the ``M (M - 2)`` ordered pairs of different pairs, still unbiased
-    for the CRPS of the (symmetric) distribution the members are drawn from.
+    ``paired=True``: members come in pairs ``(2 p, 2 p + 1)`` drawn together,
+    independent of the other pairs: mirrored about a centre (``x_{2p+1} = 2 c
+    - x_{2p}``) or antithetic (the noise ``z`` and ``-z``;
+    `ReslimConfig.noise_members`).  The two of a pair are not independent
+    draws, so the pair sum leaves them out: over the ``M (M - 2)`` ordered
+    pairs of different pairs, still unbiased for the CRPS of the distribution
+    each member is drawn from.
 
     Parameters
     ----------
     members
-        ``[B, M, V, H, W]``, ``M >= 2`` (mirrored: even, ``M >= 4``).
+        ``[B, M, V, H, W]``, ``M >= 2`` (paired: even, ``M >= 4``).
     target
         ``[B, V, H, W]``.
 
     Raises
     ------
     ValueError
-        If shapes disagree, ``M < 2`` (mirrored: ``M`` odd or ``< 4``), or no
+        If shapes disagree, ``M < 2`` (paired: ``M`` odd or ``< 4``), or no
         pixel is valid.
     """
     if members.ndim != 5 or members.shape[:1] + members.shape[2:] != target.shape:
@@ -155,9 +157,9 @@ def fair_crps_loss(
     m = members.shape[1]
     if m < 2:
         raise ValueError(f"fair_crps_loss needs at least 2 members, got {m}")
-    if mirrored and (m % 2 or m < 4):
+    if paired and (m % 2 or m < 4):
         raise ValueError(
-            f"fair_crps_loss: mirrored members come in pairs, at least 2 of them; got M={m}"
+            f"fair_crps_loss: paired members come in pairs, at least 2 of them; got M={m}"
         )
     valid = _valid(target, mask)
     y = torch.nan_to_num(target).unsqueeze(1)
@@ -165,8 +167,8 @@ def fair_crps_loss(
     rank = torch.arange(1, m + 1, dtype=members.dtype, device=members.device)
     coef = (2 * rank - m - 1).reshape(1, m, 1, 1, 1)
     pairs = 2 * (coef * members.sort(dim=1).values).sum(dim=1)
-    if mirrored:
-        # less each pair's two (ordered) differences with its own mirror image
+    if paired:
+        # less each pair's two (ordered) differences with its own partner
         own = (members[:, 0::2] - members[:, 1::2]).abs().sum(dim=1)
         term = skill - (pairs - 2 * own) / (2 * m * (m - 2))
     else:
@@ -182,7 +184,7 @@ def mirror(draws: Any, centre: Any) -> Any:
 
     ``draws`` ``[B, P, ...]`` (torch or numpy), ``centre`` ``[B, 1, ...]``
     (the member at zero noise) → ``[B, 2 P, ...]``: members ``2 p`` and
-    ``2 p + 1`` are a pair (`fair_crps_loss` with ``mirrored=True``).
+    ``2 p + 1`` are a pair (`fair_crps_loss` with ``paired=True``).
     """
     if isinstance(draws, torch.Tensor):
         return torch.stack([draws, 2 * centre - draws], dim=2).flatten(1, 2)

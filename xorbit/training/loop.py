@@ -708,7 +708,7 @@ def _loss(
     """One batch's training loss: Bayesian TV, or with ``opts.ensemble`` members of
     a stochastic model (each sample repeated, fresh noise each) the fair CRPS."""
     m = opts.ensemble
-    mirrored = bool(m) and cfg.noise_members == "mirrored"
+    mode = cfg.noise_members if m else "independent"
     kw: dict[str, Any] = {}
     if m:
         # mirrored: m / 2 draws and the member at zero noise, the last
@@ -717,14 +717,17 @@ def _loss(
         if res_km is not None and res_km.ndim:
             res_km = res_km.repeat_interleave(n)
         noise = torch.randn(x.shape[0], cfg.noise_channels, *x.shape[-2:], device=x.device)
-        if mirrored:
+        # antithetic members are a choice of the draw: they train on
+        # independent ones (antithetic pairs in training lost the spread,
+        # docs/evaluation.md)
+        if mode == "mirrored":
             noise.unflatten(0, (-1, n))[:, -1] = 0
         kw["noise"] = noise
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         pred = net(x, cfg.in_vars, res_km=res_km, **kw)
     if m:
         members = pred.float().unflatten(0, (-1, n))
-        if mirrored:
+        if mode == "mirrored":
             members = mirror(members[:, :-1], members[:, -1:])
         return fair_crps_loss(
             members,
@@ -732,7 +735,7 @@ def _loss(
             lam=opts.tv_lambda,
             lat_weights=lw,
             var_weights=var_weights,
-            mirrored=mirrored,
+            paired=mode == "mirrored",
         )
     return bayesian_tv_loss(
         pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=var_weights
