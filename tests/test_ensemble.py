@@ -17,6 +17,7 @@ from tests.test_mc_dropout import coarse, dropout_downscaler
 from tests.test_precip import gamma_precip, precip_config
 from tests.test_train import fine_field, small_config
 from xorbit import coarsen
+from xorbit.cli import main as cli_main
 from xorbit.engine import downscale_array, field_noise, member_noise, window_noise
 from xorbit.metrics import gradient_energy, rank_flatness, rank_histogram
 from xorbit.model.loss import fair_crps_loss, mirror
@@ -311,8 +312,12 @@ def test_mirrored_members_are_pairs_about_the_zero_noise_member(monkeypatch):
     np.testing.assert_allclose(lazy.compute(), a, rtol=1e-5, atol=0)
 
 
-def test_antithetic_members_are_draws_and_their_negatives(dsr):
+def test_antithetic_members_are_draws_and_their_negatives(dsr, tmp_path, capsys):
     assert dsr.config.noise_members == "antithetic"  # the default
+    path = dsr.drawn("independent").save(tmp_path / "ind.xorbit")
+    assert xorbit.load(path).config.noise_members == "independent"
+    assert cli_main(["info", str(path)]) == 0
+    assert "members (--samples) drawn independent" in capsys.readouterr().out
     anti, ind_dsr = dsr.drawn("antithetic"), dsr.drawn("independent")
     assert ind_dsr.config.noise_members == "independent"
     with pytest.raises(ValueError, match="mirrored members need a model trained mirrored"):

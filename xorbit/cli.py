@@ -298,6 +298,11 @@ def _info(args: argparse.Namespace) -> int:
             f"  linear     ridge path over {ny} x {nx} windows ({cells} each); the network's "
             f"correction {'kept' if gate else 'off'} (gate {gate:g})"
         )
+    if c.noise_channels:
+        print(
+            f"  ensemble   stochastic model, {c.noise_channels} noise channels: "
+            f"members (--samples) drawn {c.noise_members}"
+        )
     if dsr.constraints:
         kinds = ", ".join(f"{v} {k}" for v, k in sorted(dsr.constraints.items()))
         print(f"  totals     coarse-consistency constraints: {kinds}")
