@@ -34,7 +34,7 @@ How to run
     .venv/bin/python benchmarks/bench_ensemble.py --drop-rate 0.1      # dropout in training too
     .venv/bin/python benchmarks/bench_ensemble.py --noise-members mirrored
     .venv/bin/python benchmarks/bench_ensemble.py --draw antithetic     # the same models, z and -z
-    .venv/bin/python benchmarks/bench_ensemble.py --noise-members antithetic
+    .venv/bin/python benchmarks/bench_ensemble.py --noise-members mirrored --augment none
 
 Trained models are kept in ``--cache`` (default ``$TMPDIR/xorbit-ensemble``)
 and reused by later runs with the same settings.
@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--cross-fit", type=int, default=None, help="TrainOptions.cross_fit")
     ap.add_argument("--no-linear-path", action="store_true", help="linear_path=False")
     ap.add_argument("--tv-lambda", type=float, default=None, help="TrainOptions.tv_lambda")
+    ap.add_argument("--augment", default=None, help="TrainOptions.augment")
     ap.add_argument("--drop-rate", type=float, default=0.0, help="the stochastic model's dropout")
     ap.add_argument(
         "--noise-members",
@@ -147,6 +148,8 @@ def main() -> None:
         options["linear_path"] = False
     if args.tv_lambda is not None:
         options["tv_lambda"] = args.tv_lambda
+    if args.augment is not None:
+        options["augment"] = args.augment
     periods = {"2041-2099": slice(None), f"{LATE + 1}-2099": slice(str(LATE + 1), None)}
     rows: dict[str, list[dict[str, float]]] = {p: [] for p in periods}
     cost = []
@@ -188,6 +191,7 @@ def main() -> None:
         f"{f', cross_fit={args.cross_fit}' if args.cross_fit else ''}"
         f"{', linear_path=False' if args.no_linear_path else ''}"
         f"{f', tv_lambda={args.tv_lambda}' if args.tv_lambda is not None else ''}"
+        f"{f', augment={args.augment}' if args.augment is not None else ''}"
         f"{f', drop_rate={args.drop_rate}' if args.drop_rate else ''}"
         f"{f', noise_members={args.noise_members}' if args.noise_members else ''}"
         f"{f', drawn {args.draw}' if args.draw else ''}"
