@@ -342,12 +342,10 @@ def member_noise(
     (``config.noise_members``) ``2 p`` and ``2 p + 1`` take draw ``p`` and its
     negative."""
     seed, member = mc
-    if config.noise_members != "antithetic":
-        return window_noise(
-            seed, member, config.noise_channels, plan, tiles, lead_shape, lead_offset
-        )
-    z = window_noise(seed, member // 2, config.noise_channels, plan, tiles, lead_shape, lead_offset)
-    return -z if member % 2 else z
+    anti = config.noise_members == "antithetic"
+    draw = member // 2 if anti else member
+    z = window_noise(seed, draw, config.noise_channels, plan, tiles, lead_shape, lead_offset)
+    return -z if anti and member % 2 else z
 
 
 def window_seeds(
@@ -621,11 +619,11 @@ def downscale_array(
     # model node), so members run in parallel and each output chunk holds one
     # member, as a per-member task axis would not
     runs = [run] if members is None else [{**run, "mc": mc} for mc in _draws(cfg, members)]
-    if members is not None and cfg.noise_channels and cfg.noise_members == "mirrored":
+    if members is not None and cfg.mirrored:
         runs.append(run)  # the centre the draws are mirrored about
     if isinstance(x, da.Array):
         # a new name: astype is untyped, so mypy would forget x is a dask array
-        x32 = x.astype(np.float32)
+        x32 = _block_chunked(x.astype(np.float32), plan)
         parts = [_stage1_dask(x32, r, len(out_idx), copies=len(runs)) for r in runs]
         lazy = [_fold_dask(p, x32, out_idx, plan, finish) for p in _member_parts(cfg, parts)]
         return lazy[0] if members is None else da.stack(lazy[: len(members)])
@@ -642,7 +640,7 @@ def downscale_array(
 def _draws(cfg: ReslimConfig, members: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The ``(seed, draw)`` each forward pass takes: one per member, or for
     mirrored members one per pair (`ReslimConfig.noise_members`)."""
-    if cfg.noise_channels and cfg.noise_members == "mirrored":
+    if cfg.mirrored:
         return members[: (len(members) + 1) // 2]
     return members
 
@@ -651,7 +649,7 @@ def _member_parts(cfg: ReslimConfig, parts: list) -> list:
     """Stage-1 partials of each member from those of the passes: the passes
     themselves, or mirrored, ``draw`` and ``2 centre - draw`` of each pair (the
     fold is linear, so mirroring the partials mirrors the fields)."""
-    if len(parts) < 2 or not (cfg.noise_channels and cfg.noise_members == "mirrored"):
+    if len(parts) < 2 or not cfg.mirrored:
         return parts
     *draws, centre = parts
     return [m for d in draws for m in (d, 2 * centre - d)]
@@ -707,8 +705,8 @@ def _finish(
 
 
 def _stage1_dask(raw: da.Array, run: dict, n_out: int, copies: int = 1) -> da.Array:
-    """Stage 1 on Dask (`_stage1_graph`): one task per block, on the blocks'
-    chunks (`block_chunks`).
+    """Stage 1 on Dask (`_stage1_graph`): one task per block of ``raw``, which
+    is chunked to the blocks (`_block_chunked`).
 
     ``copies``: how many such graphs (members) compute together, for each
     task's share of the cores.
@@ -716,7 +714,6 @@ def _stage1_dask(raw: da.Array, run: dict, n_out: int, copies: int = 1) -> da.Ar
     plan: TilePlan = run["plan"]
     run = dict(run)
     handle: ModelHandle = run.pop("handle")
-    raw = _block_chunked(raw, plan)
     return _stage1_graph(raw, _model_node(handle), handle.key, plan, n_out, run, copies)
 
 
@@ -731,10 +728,10 @@ def _block_chunked(raw: da.Array, plan: TilePlan) -> da.Array:
 def _fold_dask(
     partial: da.Array, raw: da.Array, out_idx: list[int], plan: TilePlan, finish: dict
 ) -> da.Array:
-    """Stage 2 on Dask: fold the partials' halos, then denormalize."""
+    """Stage 2 on Dask: fold the partials' halos, then denormalize (``raw``
+    chunked to the blocks, as for stage 1)."""
     k = plan.factor
     hy, hx = plan.halo
-    raw = _block_chunked(raw, plan)
     n_lead = raw.ndim - 3
     return _fold_neighbours(
         partial,

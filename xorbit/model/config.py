@@ -411,10 +411,15 @@ class ReslimConfig:
                 return name
         return None
 
+    @property
+    def mirrored(self) -> bool:
+        """A stochastic model whose members are mirrored pairs (`noise_members`)."""
+        return bool(self.noise_channels) and self.noise_members == "mirrored"
+
     def member_passes(self, members: int) -> int:
         """Forward passes ``members`` members of one sample take (`noise_members`):
         one each, or mirrored one per pair and one at zero noise."""
-        if self.noise_members == "mirrored":
+        if self.mirrored:
             return (int(members) + 1) // 2 + 1
         return int(members)
 
@@ -429,7 +434,7 @@ class ReslimConfig:
                 "noise_channels=0; build it with ReslimConfig(noise_channels=...) "
                 "(xorbit.train does so itself)"
             )
-        if self.noise_members == "mirrored" and (members % 2 or members < 4):
+        if self.mirrored and (members % 2 or members < 4):
             raise ValueError(
                 f"ensemble={members}: a model with noise_members={self.noise_members!r} "
                 "trains on pairs of members, at least two pairs: pass an even ensemble "

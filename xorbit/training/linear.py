@@ -178,16 +178,15 @@ def fit_gated(
     The last record of step 1 holds ``gate_rmse_ratio`` (the mean over the
     outputs of RMSE with over RMSE without the correction) and
     ``linear_rmse_ratio`` (the path alone over the skip alone), and every
-    record after it ``gate``.  With fewer than `GATE_MIN_STEPS` earlier years
-    there is no decision: the path stays clear (zero) and the network trains
-    on every year and is kept.
+    record after it ``gate``.  Records with fewer than `GATE_MIN_STEPS` earlier
+    years leave nothing to decide on (`too_short`): `recipe.run_training`
+    clears their path and trains the network on every year, without the gate.
     """
     model = dsr.model
     n = len(years)
     n_block = max(1, round(GATE_BLOCK * n))
     if too_short(n):
-        model.linear.clear()
-        return run(crops, None, opts, None)
+        raise ValueError(f"fit_gated: {n} time steps are too few to gate (too_short)")
     early = years.select(np.arange(n - n_block))
     block = years.select(np.arange(n - n_block, n))
     fit_linear_path(model, early)

@@ -708,7 +708,7 @@ def _loss(
     """One batch's training loss: Bayesian TV, or with ``opts.ensemble`` members of
     a stochastic model (each sample repeated, fresh noise each) the fair CRPS."""
     m = opts.ensemble
-    mode = cfg.noise_members if m else "independent"
+    mirrored = bool(m) and cfg.mirrored
     kw: dict[str, Any] = {}
     if m:
         # mirrored: m / 2 draws and the member at zero noise, the last
@@ -720,14 +720,14 @@ def _loss(
         # antithetic members are a choice of the draw: they train on
         # independent ones (antithetic pairs in training lost the spread,
         # docs/evaluation.md)
-        if mode == "mirrored":
+        if mirrored:
             noise.unflatten(0, (-1, n))[:, -1] = 0
         kw["noise"] = noise
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         pred = net(x, cfg.in_vars, res_km=res_km, **kw)
     if m:
         members = pred.float().unflatten(0, (-1, n))
-        if mode == "mirrored":
+        if mirrored:
             members = mirror(members[:, :-1], members[:, -1:])
         return fair_crps_loss(
             members,
@@ -735,7 +735,7 @@ def _loss(
             lam=opts.tv_lambda,
             lat_weights=lw,
             var_weights=var_weights,
-            paired=mode == "mirrored",
+            paired=mirrored,
         )
     return bayesian_tv_loss(
         pred.float(), y, lam=opts.tv_lambda, lat_weights=lw, var_weights=var_weights

@@ -563,14 +563,14 @@ def run_training(
     # set of the caller's, and not across checkpoints (a run in two parts)
     plain = val is not None or state is not None or stop_after is not None or opts.checkpoint_dir
     # and not for an ensemble: a gate shut on the central member's RMSE would
-    # leave members without spread
-    if has_linear and opts.gate and not plain and not opts.ensemble:
+    # leave members without spread.  Too few years to decide on: no path,
+    # whether the gate would run or not
+    short = has_linear and opts.gate and linear.too_short(len(parts[0].data))
+    if has_linear and opts.gate and not plain and not opts.ensemble and not short:
         # fits the path itself, on its own split of the training years
         return linear.fit_gated(dsr, parts[0], parts[0].data, opts, run)
     crops = parts[0] if not multi else CropMix(list(parts))
-    if has_linear and opts.gate and linear.too_short(len(parts[0].data)):
-        # a run the gate does not decide (an ensemble, a validation set, a run
-        # in parts) still keeps its rule for short records
+    if short:
         dsr.model.linear.clear()
     elif has_linear:
         # closed form, on the training years: the network then trains on what it leaves
