@@ -31,6 +31,7 @@ How to run
     .venv/bin/python benchmarks/bench_orographic.py --ablation-seeds 3   # every ablation, every seed
     .venv/bin/python benchmarks/bench_orographic.py --seeds 0 --epochs 10 --no-ablation
     .venv/bin/python benchmarks/bench_orographic.py --seeds 0 --no-ablation --augment none --epochs 300 [--no-gate] [--cross-fit 5]
+    .venv/bin/python benchmarks/bench_orographic.py --seeds 0 --no-ablation --harmonics 2   # engineered inputs
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def scores(pred: xr.DataArray, truth: xr.DataArray) -> dict[str, float]:
     }
 
 
+def with_harmonics(coarse: xr.Dataset, n: int) -> tuple[xr.Dataset, list[str]]:
+    """``coarse`` with ``pr cos(j θ)``, ``pr sin(j θ)`` (``j = 1 .. n``) of the wind
+    direction ``θ`` added, and the names of xorbit's inputs (`probe_orographic.py`)."""
+    theta = np.arctan2(coarse.v, coarse.u)
+    extra = {}
+    for j in range(1, n + 1):
+        extra[f"pr_cos{j}"] = coarse.pr * np.cos(j * theta)
+        extra[f"pr_sin{j}"] = coarse.pr * np.sin(j * theta)
+    return coarse.assign(extra), ["pr", "u", "v", *extra]
+
+
 def seam_ratio(pred: xr.DataArray, truth: xr.DataArray, tile: tuple[int, int], k: int) -> float:
     """RMSE within two coarse pixels of a tile seam over the RMSE elsewhere."""
     err = (pred.values - truth.values) ** 2
@@ -102,6 +114,12 @@ def main() -> None:
     ap.add_argument("--no-gate", action="store_true", help="keep the correction (gate=False)")
     ap.add_argument("--cross-fit", type=int, default=None, help="TrainOptions.cross_fit")
     ap.add_argument(
+        "--harmonics",
+        type=int,
+        default=0,
+        help="give xorbit pr cos(n θ), pr sin(n θ) of the wind direction θ, n = 1..N, as inputs",
+    )
+    ap.add_argument(
         "--ablation-seeds",
         type=int,
         default=1,
@@ -110,6 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     coarse, fine, orog = orographic_precipitation(args.samples, seed=0)
+    coarse, inputs = with_harmonics(coarse, args.harmonics)
     train = {"time": slice(0, args.train)}
     test = {"time": slice(args.train, None)}
     ct, ft = coarse.isel(train), fine.isel(train)
@@ -123,9 +142,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {}
 
     def run(label, seed, pred_kw=None, **train_kw):
-        cfg = xorbit.ReslimConfig.preset(
-            args.preset, factor=4, in_vars=["pr", "u", "v"], out_vars=["pr"]
-        )
+        cfg = xorbit.ReslimConfig.preset(args.preset, factor=4, in_vars=inputs, out_vars=["pr"])
         options = dict(
             static=static,
             nonnegative=["pr"],
