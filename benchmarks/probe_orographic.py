@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_orographic import with_harmonics
 from torch import nn
 
 import xorbit
@@ -57,18 +58,18 @@ def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - truth) ** 2)))
 
 
+def kept(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """The library's multiplicative coarse constraint (`xorbit.model.constraints.apply`)."""
+    return apply(fine, coarse, K, "multiplicative")
+
+
 def probe_ridge(args: argparse.Namespace) -> None:
     coarse, fine, _ = orographic_precipitation(N_SAMPLES, seed=0)
-    theta = np.arctan2(coarse.v, coarse.u)
     truth = fine.pr.isel(time=slice(N_TRAIN, None)).values.astype(np.float64)
-    extra: dict[str, object] = {}
-    for n in range(1, args.harmonics + 1):
-        extra[f"pr_cos{n}"] = coarse.pr * np.cos(n * theta)
-        extra[f"pr_sin{n}"] = coarse.pr * np.sin(n * theta)
+    ds, predictors = with_harmonics(coarse, args.harmonics)
     if args.speed:
-        extra["pr_speed"] = coarse.pr * np.hypot(coarse.u, coarse.v) / 10.0
-    ds = coarse.assign(extra)
-    predictors = ["pr", "u", "v", *extra]
+        ds["pr_speed"] = coarse.pr * np.hypot(coarse.u, coarse.v) / 10.0
+        predictors.append("pr_speed")
     t0 = time.perf_counter()
     pred = xorbit.baseline(
         ds.isel(time=slice(N_TRAIN, None)),
@@ -78,10 +79,10 @@ def probe_ridge(args: argparse.Namespace) -> None:
         window=args.window,
     ).pr.values
     print(f"predictors {predictors}, window {args.window}, {time.perf_counter() - t0:.0f} s")
-    kept = apply(pred, ds.pr.isel(time=slice(N_TRAIN, None)).values, K, "multiplicative")
+    coarse_test = ds.pr.isel(time=slice(N_TRAIN, None)).values
     print(
         f"ridge RMSE {rmse(pred, truth):.4f}, clamped at 0 {rmse(np.maximum(pred, 0), truth):.4f}, "
-        f"with the multiplicative constraint {rmse(kept, truth):.4f}"
+        f"with the multiplicative constraint {rmse(kept(pred, coarse_test), truth):.4f}"
     )
 
 
@@ -106,16 +107,6 @@ class FiLMCNN(nn.Module):
         for i, conv in enumerate(self.convs):
             z = z + F.gelu(conv(z) * (1 + g[:, i, 0]) + g[:, i, 1])
         return self.out(z)
-
-
-def constrain(pred: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-    """Clamp at 0, then scale each coarse cell to the coarse value (uniform where all 0)."""
-    p = pred.clamp(min=0)
-    m = F.avg_pool2d(p, K)
-    up = lambda a: F.interpolate(a, scale_factor=K, mode="nearest")  # noqa: E731
-    return p * up(torch.where(m > 0, coarse / m.clamp(min=1e-12), 0.0)) + up(
-        torch.where(m > 0, 0.0, coarse)
-    )
 
 
 def probe_cnn(args: argparse.Namespace) -> None:
@@ -160,7 +151,7 @@ def probe_cnn(args: argparse.Namespace) -> None:
                 )
             print(
                 f"epoch {epoch}: train loss {total / N_TRAIN:.4f}, RMSE {rmse(pred.numpy(), truth):.4f}, "
-                f"constrained {rmse(constrain(pred, pr_c[test]).numpy(), truth):.4f}, "
+                f"constrained {rmse(kept(pred.numpy(), pr_c[test].numpy()), truth):.4f}, "
                 f"{time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
