@@ -220,3 +220,58 @@ def test_cross_fitting_shows_the_network_out_of_fold_residuals():
     np.testing.assert_allclose(moved.fine[5:10] - data.fine[5:10], want.numpy(), atol=1e-5)
     # in sample the path fits better than out of fold: the shift is not zero
     assert float(np.abs(moved.fine - data.fine).mean()) > 1e-3
+
+
+def window_choice_case(case, t=60, n=21, k=4, seed=0):
+    """Coarse inputs on more than `WHOLE_DOMAIN_MAX` cells and fine targets that
+    read either the mirrored cell across the grid (only the whole grid sees it)
+    or, noisily, the cell itself (the neighbours fit it with fewer predictors)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, n, n))
+    source, noise = (x[:, ::-1, ::-1], 0.1) if case == "far" else (x, 1.0)
+    y = source.repeat(k, -2).repeat(k, -1) + noise * rng.standard_normal((t, n * k, n * k))
+    return x, y
+
+
+def test_ridge_cv_takes_the_window_the_map_needs():
+    k, test = 4, np.random.default_rng(1).standard_normal((30, 21, 21))
+    for case, chosen in (("far", None), ("near", 5)):
+        x, y = window_choice_case(case)
+        want = (test[:, ::-1, ::-1] if case == "far" else test).repeat(k, -2).repeat(k, -1)
+        fits = {half: fit_ridge(x, y, k, window=15 if half is None else half) for half in (None, 5)}
+        auto = fit_ridge(x, y, k, window="cv")
+        assert auto.half == chosen, case
+        np.testing.assert_array_equal(auto.coef, fits[chosen].coef)
+        rmse = {h: float(np.sqrt(((f.predict(test) - want) ** 2).mean())) for h, f in fits.items()}
+        other = 5 if chosen is None else None
+        assert rmse[chosen] < 0.97 * rmse[other], (case, rmse)  # the better one on new samples
+    # the default keeps each cell's neighbours on a grid this large; a wrong word is named
+    assert fit_ridge(x, y, k).half == 5
+    with pytest.raises(ValueError, match="'whole'"):
+        fit_ridge(x, y, k, window="whole")
+
+
+@pytest.mark.parametrize("case", ["far", "near"])
+def test_a_large_window_path_takes_the_window_the_cross_validation_prefers(case, tmp_path):
+    from xorbit.training import linear
+    from xorbit.training.samples import PairedArrays
+
+    x, y = window_choice_case(case)
+    data = PairedArrays(
+        coarse=x[:, None].astype(np.float32),
+        fine=y[:, None].astype(np.float32),
+        fine_lat=np.linspace(10, 30, 84),
+        times=np.arange(len(x)),
+    )
+    cfg = small_config(linear_window=(21, 21), linear_half=None)
+    dsr = xorbit.Downscaler.from_config(cfg, seed=0, mean={"tas": 0.0}, std={"tas": 1.0})
+    fit = linear.fit_linear_path(dsr.model, data)
+    half = None if case == "far" else 5
+    assert fit.half == half and dsr.config.linear_half == half
+    assert dsr.model.linear.coef.shape == (441, 441 if half is None else 121, 16)
+    with torch.no_grad():
+        got = dsr.model.linear(torch.from_numpy(x[:2, None]).float()).numpy()
+    np.testing.assert_allclose(got, fit.predict(x[:2, None]), rtol=1e-4, atol=1e-4)
+    back = xorbit.load(dsr.save(tmp_path / "m.xorbit"))  # the chosen path is saved and rebuilt
+    assert back.config.linear_half == half
+    assert torch.equal(back.model.linear.coef, dsr.model.linear.coef)

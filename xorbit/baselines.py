@@ -49,7 +49,7 @@ def baseline(
     factor: int | None = None,
     periodic: bool | None = None,
     time_dim: Hashable = "time",
-    window: int | None = None,
+    window: int | str | None = None,
     nquantiles: int = 50,
     predictors: Sequence[str] | None = None,
     _inputs: tuple[xr.Dataset, xr.Dataset] | None = None,
@@ -77,6 +77,9 @@ def baseline(
         Ridge only: half-width, in coarse pixels, of the predictor window around
         each fine pixel's coarse cell.  Default: the whole domain when it has at
         most `WHOLE_DOMAIN_MAX` coarse pixels, else 5 (11 x 11 predictors).
+        ``"cv"``: on a larger domain, the whole domain or 5, whichever the
+        blocked cross-validation prefers (as a Reslim model's linear path does);
+        ``attrs["xorbit_ridge_half"]`` says which (``-1``: the whole domain).
     nquantiles
         QDM only: quantiles of the transfer function.
     predictors
@@ -261,4 +264,5 @@ def _ridge(inputs, fine, bicubic_train, truth, factor, time_dim, window, periodi
     out = fine.transpose(*dims) + xr.DataArray(correction, dims=dims)
     out = out.transpose(*fine.dims).assign_attrs(fine.attrs).rename(fine.name)
     out.attrs["xorbit_ridge_alpha"] = fit.alpha
+    out.attrs["xorbit_ridge_half"] = -1 if fit.half is None else fit.half
     return out

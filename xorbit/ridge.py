@@ -21,10 +21,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ALPHAS", "WHOLE_DOMAIN_MAX", "RidgeFit", "fit_ridge", "windows"]
+__all__ = [
+    "ALPHAS",
+    "WHOLE_DOMAIN_BYTES",
+    "WHOLE_DOMAIN_MAX",
+    "RidgeFit",
+    "fit_ridge",
+    "whole_affordable",
+    "windows",
+]
 
 # A grid of at most this many coarse cells is one window (every cell a predictor).
 WHOLE_DOMAIN_MAX = 400
+# With ``window="cv"``, larger grids try the whole grid too while its
+# coefficients take at most this many bytes (as doubles, while fitting).
+WHOLE_DOMAIN_BYTES = 2**28
 # Half-width of a cell's window on larger grids: 11 x 11 coarse cells.
 LOCAL_HALF = 5
 # Cells the cross-validation scores on a larger grid (the penalty is one for all).
@@ -46,7 +57,8 @@ class RidgeFit:
     n_out * k * k]`` the mean target; ``alpha`` the penalty chosen among
     ``alphas`` by the blocked cross-validation RMSE ``cv_rmse``.  ``stacked``:
     fitted on ``[T, n_in, ny, nx]`` inputs (`predict` then takes and returns a
-    variable axis), else on ``[T, ny, nx]``.
+    variable axis), else on ``[T, ny, nx]``.  ``half``: the windows'
+    half-width, None for the whole grid.
     """
 
     windows: np.ndarray
@@ -62,6 +74,7 @@ class RidgeFit:
     n_in: int = 1
     n_out: int = 1
     stacked: bool = False
+    half: int | None = None
 
     @property
     def whole_domain(self) -> bool:
@@ -79,10 +92,10 @@ class RidgeFit:
         p_all = self.n_in * ny * nx
         x = np.nan_to_num((coarse.reshape(-1, p_all) - self.x_mean) / self.x_std)
         if self.whole_domain:  # one design matrix for every cell: a plain product
-            r = np.einsum("tp,cpq->tcq", x, self.coef)
+            r = np.matmul(x[None], self.coef)
         else:
-            r = np.einsum("tcp,cpq->tcq", x[:, self.windows], self.coef)
-        r = (r + self.r_mean).reshape(-1, ny, nx, self.n_out, k, k)
+            r = np.matmul(x[:, self.windows].transpose(1, 0, 2), self.coef)
+        r = (r.transpose(1, 0, 2) + self.r_mean).reshape(-1, ny, nx, self.n_out, k, k)
         r = r.transpose(0, 3, 1, 4, 2, 5).reshape(-1, self.n_out, ny * k, nx * k)
         out = (
             r.reshape(*lead, self.n_out, ny * k, nx * k)
@@ -115,10 +128,60 @@ def windows(ny: int, nx: int, half: int | None, periodic: bool, n_in: int = 1) -
     return np.concatenate([spatial + v * ny * nx for v in range(n_in)], axis=1)
 
 
-def _solve(u, s, vt, r, alphas):
-    """Ridge coefficients for each alpha: ``V diag(s / (s² + α)) Uᵀ R`` (batched)."""
-    ur = np.einsum("gtm,gtq->gmq", u, r)
-    return [np.einsum("gmp,gm,gmq->gpq", vt, s / (s**2 + a), ur) for a in alphas]
+def _solve(u, s, vt, r, alpha):
+    """Ridge coefficients ``V diag(s / (s² + α)) Uᵀ R`` (batched).
+
+    Matrix products, not `numpy.einsum` (whose three-operand form loops
+    without BLAS: 390 s instead of seconds for a whole-grid fit of 1980
+    predictors).
+    """
+    ur = np.matmul(u.transpose(0, 2, 1), r)
+    return np.matmul(vt.transpose(0, 2, 1) * (s / (s**2 + alpha))[:, None, :], ur)
+
+
+def _is_whole(win: np.ndarray) -> bool:
+    return bool((win == win[0]).all())
+
+
+def whole_affordable(n_cells: int, n_in: int, q: int) -> bool:
+    """Whether a whole-grid window's coefficients (``n_cells x n_in n_cells x q``
+    doubles while fitting) fit in `WHOLE_DOMAIN_BYTES`."""
+    return n_cells * n_in * n_cells * q * 8 <= WHOLE_DOMAIN_BYTES
+
+
+def _groups(x_all, r_anom, win, chosen, batch):
+    """(cells, design [g, T, p], targets [g, T, q]) in batches of ``chosen`` cells."""
+    if _is_whole(win):  # one design for all cells: one solve, every fine pixel a target
+        t = len(x_all)
+        yield slice(None), x_all[None], r_anom.reshape(t, 1, -1).transpose(1, 0, 2)
+        return
+    for c0 in range(0, len(chosen), batch):
+        cells = chosen[c0 : c0 + batch]
+        yield cells, np.moveaxis(x_all[:, win[cells]], 1, 0), np.moveaxis(r_anom[:, cells], 1, 0)
+
+
+def _cv_sse(x_all, r_anom, win, scored, edges, alphas, batch) -> tuple[np.ndarray, np.ndarray]:
+    """Squared error of each penalty over the blocked folds: on the ``scored``
+    cells' targets, and on the targets of every cell the fit scored (a whole-grid
+    window: every cell, at no extra cost; else the same ``scored`` ones)."""
+    t, n_cells, q = r_anom.shape
+    sse, sse_all = np.zeros(len(alphas)), np.zeros(len(alphas))
+    whole = _is_whole(win)
+    for _, x, y in _groups(x_all, r_anom, win, scored, batch):
+        for f in range(len(edges) - 1):
+            test = np.zeros(t, bool)
+            test[edges[f] : edges[f + 1]] = True
+            u, s, vt = np.linalg.svd(x[:, ~test], full_matrices=False)
+            # X_test V diag(s / (s² + α)) Uᵀ R: the products shared by every α first
+            xv = np.matmul(x[:, test], vt.transpose(0, 2, 1))
+            ur = np.matmul(u.transpose(0, 2, 1), y[:, ~test])
+            for i, a in enumerate(alphas):
+                err = (np.matmul(xv * (s / (s**2 + a))[:, None, :], ur) - y[:, test]) ** 2
+                sse_all[i] += float(err.sum())
+                if whole and len(scored) < n_cells:  # [1, t, cells * q]: the scored cells
+                    err = err.reshape(-1, n_cells, q)[:, scored]
+                sse[i] += float(err.sum())
+    return sse, sse_all
 
 
 def fit_ridge(
@@ -126,7 +189,7 @@ def fit_ridge(
     residual: np.ndarray,
     factor: int,
     *,
-    window: int | None = None,
+    window: int | str | None = None,
     periodic: bool = False,
     alphas: Sequence[float] | None = None,
     folds: int = 5,
@@ -148,6 +211,10 @@ def fit_ridge(
     window
         Half-width of a cell's window in coarse cells; default the whole grid
         when it has at most `WHOLE_DOMAIN_MAX` cells, else `LOCAL_HALF`.
+        ``"cv"``: on a grid of more than `WHOLE_DOMAIN_MAX` cells, the whole
+        grid (where its coefficients fit in `WHOLE_DOMAIN_BYTES`) or
+        `LOCAL_HALF`, whichever the blocked cross-validation scores better on
+        the same cells (``RidgeFit.half`` says which: None for the whole grid).
     periodic
         Whether windows wrap around in x.
     alphas
@@ -177,61 +244,52 @@ def fit_ridge(
             f"times factor {k}"
         )
     folds = min(folds, t // 2)
-    half = window
-    if half is None and ny * nx > WHOLE_DOMAIN_MAX:
-        half = LOCAL_HALF
-    win = windows(ny, nx, half, periodic, n_in)
-    whole = bool((win == win[0]).all())
+    n_cells = ny * nx
+    q = n_out * k * k
+    if window == "cv":
+        # the whole grid against each cell's neighbours, where the whole grid is affordable
+        halves: list[int | None] = (
+            [None, LOCAL_HALF]
+            if n_cells > WHOLE_DOMAIN_MAX and whole_affordable(n_cells, n_in, q)
+            else [None if n_cells <= WHOLE_DOMAIN_MAX else LOCAL_HALF]
+        )
+    elif isinstance(window, str):
+        raise ValueError(f"ridge: window must be a half-width, None or 'cv', got {window!r}")
+    else:
+        halves = [window if window is not None or n_cells <= WHOLE_DOMAIN_MAX else LOCAL_HALF]
     x_all = coarse.reshape(t, n_in * ny * nx).astype(np.float64)
     x_mean = np.nanmean(x_all, axis=0)
     x_std = np.nanstd(x_all, axis=0)
     x_std = np.where(x_std > 0, x_std, 1.0)
     x_all = np.nan_to_num((x_all - x_mean) / x_std)
-    q = n_out * k * k
     r = residual.reshape(t, n_out, ny, k, nx, k).transpose(0, 2, 4, 1, 3, 5).reshape(t, ny * nx, q)
     r = r.astype(np.float64)
     valid = np.isfinite(r)
     r_mean = np.nan_to_num(np.nanmean(r, axis=0))
     r_anom = np.where(valid, r - r_mean, 0.0)
     grid_alphas = np.asarray(alphas if alphas is not None else ALPHAS * t, np.float64)
-    n_cells = ny * nx
-
-    def groups(chosen: np.ndarray):
-        """(cells, design [g, T, p], targets [g, T, q]) in batches of ``chosen`` cells."""
-        if whole:  # one design for all cells: one solve, every fine pixel a target
-            yield slice(None), x_all[None], r_anom.reshape(t, 1, -1).transpose(1, 0, 2)
-            return
-        for c0 in range(0, len(chosen), batch):
-            cells = chosen[c0 : c0 + batch]
-            yield (
-                cells,
-                np.moveaxis(x_all[:, win[cells]], 1, 0),
-                np.moveaxis(r_anom[:, cells], 1, 0),
-            )
-
-    edges = np.linspace(0, t, folds + 1).round().astype(int)
-    sse = np.zeros(len(grid_alphas))
     every = np.arange(n_cells)
-    # the penalty is one for all cells: on a large grid, chosen on evenly spread ones
+    wins = [windows(ny, nx, h, periodic, n_in) for h in halves]
+    # the penalty is one for all cells: on a large grid, chosen on evenly spread
+    # ones (a single whole-grid window scores every cell: one solve serves them all)
     scored = (
         every
-        if n_cells <= cv_cells
+        if n_cells <= cv_cells or (len(wins) == 1 and _is_whole(wins[0]))
         else np.unique(np.linspace(0, n_cells - 1, cv_cells).round().astype(int))
     )
-    for _, x, y in groups(scored):
-        for f in range(folds):
-            test = np.zeros(t, bool)
-            test[edges[f] : edges[f + 1]] = True
-            u, s, vt = np.linalg.svd(x[:, ~test], full_matrices=False)
-            for i, b in enumerate(_solve(u, s, vt, y[:, ~test], grid_alphas)):
-                pred = np.einsum("gtp,gpq->gtq", x[:, test], b)
-                sse[i] += float(((pred - y[:, test]) ** 2).sum())
+    edges = np.linspace(0, t, folds + 1).round().astype(int)
+    sses = [_cv_sse(x_all, r_anom, w, scored, edges, grid_alphas, batch) for w in wins]
+    # the windows compared on the same cells; the penalty on all a window scored
+    best = int(np.argmin([sse.min() for sse, _ in sses]))
+    win, sse, half = wins[best], sses[best][1], halves[best]
+    if _is_whole(win):
+        scored = every
     alpha = float(grid_alphas[int(np.argmin(sse))])
     coef = np.zeros((n_cells, win.shape[1], q))
-    for cells, x, y in groups(every):
+    for cells, x, y in _groups(x_all, r_anom, win, every, batch):
         u, s, vt = np.linalg.svd(x, full_matrices=False)
-        b = _solve(u, s, vt, y, [alpha])[0]
-        if whole:  # [1, p, cells * q] -> [cells, p, q]
+        b = _solve(u, s, vt, y, alpha)
+        if _is_whole(win):  # [1, p, cells * q] -> [cells, p, q]
             b = b[0].reshape(-1, n_cells, q).transpose(1, 0, 2)
         coef[cells] = b
     return RidgeFit(
@@ -242,10 +300,11 @@ def fit_ridge(
         r_mean=r_mean.astype(np.float32),
         alpha=alpha,
         alphas=grid_alphas,
-        cv_rmse=np.sqrt(sse / max(1, int(valid.sum()))),
+        cv_rmse=np.sqrt(sse / max(1, int(valid[:, scored].sum()))),
         shape=(ny, nx),
         factor=k,
         n_in=n_in,
         n_out=n_out,
         stacked=stacked,
+        half=half if not _is_whole(win) else None,
     )

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..model.linear import LinearPath
 from ..model.reslim import Reslim
-from ..ridge import RidgeFit, fit_ridge
+from ..ridge import WHOLE_DOMAIN_MAX, RidgeFit, fit_ridge
 from .loop import TrainOptions, lr_factor, validate
 from .samples import PairedArrays, PairedCrops
 
@@ -54,7 +55,11 @@ def fit_linear_path(
     """Fit ``model.linear`` on the windows of ``data`` (normalized training arrays); returns the fit.
 
     Samples run in time order (windows of one time step together), so the
-    cross-validation's contiguous folds are blocks of years.
+    cross-validation's contiguous folds are blocks of years.  A path on every
+    cell of a window larger than `xorbit.ridge.WHOLE_DOMAIN_MAX` cells
+    (``linear_half=None``) is fitted with ``window="cv"``: where the
+    cross-validation prefers each cell's neighbours, the model's path and
+    ``config.linear_half`` change to them.
     """
     c = model.config
     if c.linear_window is None:
@@ -88,10 +93,17 @@ def fit_linear_path(
         xt = torch.from_numpy(x)
         skip = model.skip(model._pad(xt), c.in_vars)[..., : wy * k, : wx * k].double().numpy()
     dyn = model.channel_indices(c.in_vars, model.dynamic_vars)
-    half = c.linear_half if c.linear_half is not None else max(wy, wx)  # None: every cell
-    p = len(dyn) * (wy * wx if c.linear_half is None else (2 * half + 1) ** 2)
+    # None: every cell; on a large window, every cell or the neighbours, by cross-validation
+    half: int | str | None = c.linear_half
+    if half is None:
+        half = "cv" if wy * wx > WHOLE_DOMAIN_MAX else max(wy, wx)
+    p = len(dyn) * (wy * wx if not isinstance(half, int) else (2 * half + 1) ** 2)
     batch = max(1, int(BATCH_DOUBLES // max(1, len(x) * p)))
     fit = fit_ridge(x[:, dyn], y - skip, k, window=half, batch=batch)
+    if fit.half != c.linear_half:  # the cross-validation chose the neighbours
+        model.config = c.replace(linear_half=fit.half)
+        path = LinearPath(c.linear_window, len(dyn), n_out, k, fit.half)
+        model.linear = path.to(model.linear.coef.device)
     model.linear.load_fit(fit)
     return fit
 

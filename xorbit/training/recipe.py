@@ -33,7 +33,7 @@ from .. import transforms as _transforms
 from ..downscaler import Downscaler, training_grid
 from ..model.config import ReslimConfig
 from ..model.constraints import block_mean
-from ..ridge import LOCAL_HALF, WHOLE_DOMAIN_MAX
+from ..ridge import LOCAL_HALF, WHOLE_DOMAIN_MAX, whole_affordable
 from ..units import convert, to_model_units
 from ..variables import as_dataset, gather
 from . import finetune, linear, loop
@@ -389,7 +389,7 @@ def build_downscaler(
         # a new spacing is read relative to the pretrained model's own
         config = config.replace(res_km=init.config.res_km)
     if linear_path and not prepared.multi and config.linear_window is None:
-        config = config.replace(linear_window=window, linear_half=linear_half(window))
+        config = config.replace(linear_window=window, linear_half=linear_half(config, window))
     first_y, first_x = (first.coarse[d] for d in first.dims)
     transforms = prepared.transforms
     dsr = Downscaler.from_config(
@@ -441,9 +441,15 @@ def describe_training(dsr: Downscaler, prepared: Prepared, window: tuple[int, in
     dsr.grid["window"] = list(window)
 
 
-def linear_half(window: tuple[int, int]) -> int | None:
-    """The linear path's predictors: every cell of a small window, else each cell's neighbours."""
-    return None if window[0] * window[1] <= WHOLE_DOMAIN_MAX else LOCAL_HALF
+def linear_half(config: ReslimConfig, window: tuple[int, int]) -> int | None:
+    """The linear path's predictors: every cell of a window whose whole-grid map is
+    affordable (on more than `WHOLE_DOMAIN_MAX` cells, `fit_linear_path` then
+    lets the cross-validation choose between it and the neighbours), else each
+    cell's neighbours."""
+    cells = window[0] * window[1]
+    n_dyn = len([v for v in config.in_vars if v not in config.static_vars])
+    q = len(config.out_vars) * config.factor**2
+    return None if cells <= WHOLE_DOMAIN_MAX or whole_affordable(cells, n_dyn, q) else LOCAL_HALF
 
 
 # ----------------------------------------------------------------- step 5: crops
