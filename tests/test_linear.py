@@ -275,3 +275,106 @@ def test_a_large_window_path_takes_the_window_the_cross_validation_prefers(case,
     back = xorbit.load(dsr.save(tmp_path / "m.xorbit"))  # the chosen path is saved and rebuilt
     assert back.config.linear_half == half
     assert torch.equal(back.model.linear.coef, dsr.model.linear.coef)
+
+
+def censored_case(t, seed):
+    """Targets ``max(0, 2 x_own - 0.5 + noise)``: a linear latent field clamped at zero."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, 4, 5))
+    latent = 2.0 * x.repeat(2, -2).repeat(2, -1) - 0.5 + 0.3 * rng.standard_normal((t, 8, 10))
+    return x, np.maximum(latent, 0.0), latent
+
+
+def test_a_ridge_on_censored_targets_learns_the_latent_field():
+    x, y, _ = censored_case(120, 0)
+    xt, yt, latent_t = censored_case(200, 1)
+    plain = fit_ridge(x, y, 2)
+    censored = fit_ridge(x, y, 2, floor=np.zeros_like(y))
+    err = {
+        name: float(np.sqrt(((np.maximum(f.predict(xt), 0) - yt) ** 2).mean()))
+        for name, f in (("plain", plain), ("censored", censored))
+    }
+    assert err["censored"] < 0.8 * err["plain"], err
+    # below the floor it predicts the latent field, not zero
+    dry = latent_t < -1.0
+    assert float(censored.predict(xt)[dry].mean()) < -1.0 < float(plain.predict(xt)[dry].mean())
+    # no target at its floor: the same fit as without one
+    same = fit_ridge(x, y + 1.0, 2, floor=np.zeros_like(y))
+    np.testing.assert_array_equal(same.coef, fit_ridge(x, y + 1.0, 2).coef)
+
+
+def test_the_zero_of_a_normalized_output_is_where_it_is_dry():
+    """``PairedArrays.fine_zero`` (the floor of censored targets) is the normalized
+    value of the dry pixels, climatology and all."""
+    from xorbit.training.samples import pair_arrays
+
+    fine = fine_field(nt=12, n=16, seed=3)
+    fine = (fine - 280).clip(min=0).rename("pr")  # dry wherever the field was below 280
+    coarse = coarsen(fine, 4)
+    clim = {"pr": fine.mean("time")}
+    data = pair_arrays(
+        coarse, fine, ["pr"], ["pr"], 4, {"pr": 1.5}, {"pr": 3.0}, output_climatology=clim
+    )
+    dry = fine.values == 0
+    assert dry.any() and (~dry).any()
+    zero = np.broadcast_to(data.fine_zero, data.fine.shape)[:, 0]
+    np.testing.assert_allclose(data.fine[:, 0][dry], zero[dry], atol=1e-5)
+    assert np.all(data.fine[:, 0][~dry] > zero[~dry])
+
+
+def test_train_censors_the_dry_pixels_of_a_nonnegative_output():
+    """`xorbit.train(..., nonnegative=[v])` fits the path on censored targets: at
+    dry pixels it predicts below the floor, where a path fitted without the
+    floor stays near it."""
+    from xorbit.training.samples import pair_arrays
+
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((40, 8, 8)).repeat(4, -2).repeat(4, -1)
+    fine = fine_field(nt=40, seed=4).rename("pr")  # its grid, and the rain of a latent field:
+    fine.values = np.maximum(2.0 * z - 0.5 + 0.3 * rng.standard_normal(z.shape), 0.0)
+    fine.attrs = {"units": "mm/day"}
+    coarse = coarsen(fine, 4)
+    cfg = small_config(in_vars=["pr"], out_vars=["pr"])
+    kw = dict(epochs=1, progress=False, device="cpu", gate=False, seed=0)
+    paths = {}
+    for name, nonnegative in (("censored", ["pr"]), ("plain", [])):
+        dsr = xorbit.train(coarse, fine, cfg, nonnegative=nonnegative, **kw)
+        data = pair_arrays(
+            coarse, fine, ["pr"], ["pr"], 4, dsr.mean, dsr.std,
+            input_climatology=dsr.input_climatology, output_climatology=dsr.output_climatology,
+        )  # fmt: skip
+        x = torch.from_numpy(data.coarse)
+        with torch.no_grad():
+            latent = dsr.model.skip(x, ["pr"]) + dsr.model.linear_map(x, ["pr"])
+        dry = fine.values[:, None] == 0
+        paths[name] = float((latent.numpy() - data.fine_zero)[dry].mean())  # below the floor
+    assert paths["censored"] < paths["plain"] - 0.05, paths
+
+
+def test_the_network_is_not_asked_to_lift_pixels_the_path_already_makes_dry():
+    from xorbit.training import linear
+    from xorbit.training.samples import PairedArrays
+
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((30, 1, 8, 8))
+    fine = np.maximum(2.0 * z.repeat(4, -2).repeat(4, -1) - 0.5, 0.0).astype(np.float32)
+    data = PairedArrays(
+        coarse=z.astype(np.float32),
+        fine=fine,
+        fine_lat=np.linspace(10, 25, 32),
+        times=np.arange(30),
+        fine_zero=np.zeros((1, 32, 32), np.float32),
+    )
+    cfg = small_config(linear_window=(8, 8), linear_half=None)
+    model = xorbit.Downscaler.from_config(cfg, seed=0, mean={"tas": 0.0}, std={"tas": 1.0}).model
+    linear.fit_linear_path(model, data, floors=["tas"])
+    assert linear.dry_kept(model, data, []) is data  # no floors: as it was
+    moved = linear.dry_kept(model, data, ["tas"])
+    with torch.no_grad():
+        x = torch.from_numpy(data.coarse)
+        base = (model.skip(model._pad(x), ["tas"]) + model.linear_map(x, ["tas"])).numpy()
+    dry = fine == 0
+    low = dry & (base < 0)
+    assert low.sum() > 0.2 * dry.sum() and (dry & (base > 0)).any()
+    np.testing.assert_array_equal(moved.fine[low], base[low])  # nothing left to correct
+    np.testing.assert_array_equal(moved.fine[~low], fine[~low])  # wet, or predicted wet: the floor

@@ -26,6 +26,7 @@ __all__ = [
     "WHOLE_DOMAIN_BYTES",
     "WHOLE_DOMAIN_MAX",
     "RidgeFit",
+    "censored_targets",
     "fit_ridge",
     "whole_affordable",
     "windows",
@@ -40,6 +41,10 @@ WHOLE_DOMAIN_BYTES = 2**28
 LOCAL_HALF = 5
 # Cells the cross-validation scores on a larger grid (the penalty is one for all).
 CV_CELLS = 128
+# Censored targets (`censored_targets`): at most this many EM iterations, and
+# a target within this of its floor (normalized units) counts as at the floor.
+CENSOR_ITERATIONS = 20
+CENSOR_TOLERANCE = 1e-4
 # Penalties tried by cross-validation, in units of the number of samples
 # (predictors are standardized, so X^T X has about that on its diagonal).
 ALPHAS = np.logspace(-3, 2, 16)
@@ -184,6 +189,66 @@ def _cv_sse(x_all, r_anom, win, scored, edges, alphas, batch) -> tuple[np.ndarra
     return sse, sse_all
 
 
+def censored_targets(
+    x: np.ndarray,
+    y: np.ndarray,
+    floor: np.ndarray,
+    edges: np.ndarray,
+    alpha: float,
+    max_iter: int = CENSOR_ITERATIONS,
+) -> np.ndarray:
+    """Latent targets for a ridge on censored data (a Tobit model, fitted by EM).
+
+    ``x [T, p]`` standardized predictors, ``y [T, n]`` targets (NaN: missing),
+    ``floor [T, n]`` each target's floor (NaN: none).  A target at its floor
+    (``y <= floor + CENSOR_TOLERANCE``: a dry pixel of a field clamped at 0)
+    says only that the latent value lies at or below it.  Each iteration
+    replaces the censored targets by their expectation below the floor,
+    ``μ - σ φ(z) / Φ(-z)`` with ``z = (μ - floor) / σ``, where ``μ`` is the
+    out-of-fold prediction (the same blocked folds as the penalty's
+    cross-validation: in-sample predictions of a p > n ridge are nearly the
+    targets themselves) and ``σ`` the out-of-fold RMSE on the uncensored
+    targets.  The iterate kept is the one whose out-of-fold predictions,
+    clamped at their floors, score best against ``y``; the first is ``y``
+    itself, so censoring is used only where the cross-validation finds it
+    helps.  Returns the kept targets.
+    """
+    from scipy.special import log_ndtr
+
+    censored = np.isfinite(floor) & (y <= np.nan_to_num(floor, nan=-np.inf) + CENSOR_TOLERANCE)
+    known = np.isfinite(y)
+    if not censored.any():
+        return y
+    folds = []
+    for f in range(len(edges) - 1):
+        test = np.zeros(len(x), bool)
+        test[edges[f] : edges[f + 1]] = True
+        u, s, vt = np.linalg.svd(x[~test], full_matrices=False)
+        folds.append((test, x[test] @ (vt.T * (s / (s**2 + alpha))), u))
+    current, best, best_score, worse = y, y, np.inf, 0
+    low = np.where(censored, floor, -np.inf)
+    for _ in range(max_iter):
+        mu = np.empty_like(y)
+        for test, xw, u in folds:
+            target = np.nan_to_num(current[~test])
+            mean = target.mean(axis=0)
+            mu[test] = xw @ (u.T @ (target - mean)) + mean
+        score = float(np.nanmean((np.maximum(mu, low) - y) ** 2))
+        if score < best_score:
+            best, best_score, worse = current, score, 0
+        else:
+            worse += 1
+            if worse >= 2:
+                break
+        sigma = float(np.sqrt(np.nanmean((mu - y)[known & ~censored] ** 2))) or 1.0
+        z = (mu - np.nan_to_num(floor)) / sigma
+        # φ(z) / Φ(-z) in logs: far above the floor Φ(-z) underflows
+        ratio = np.exp(-0.5 * z**2 - 0.5 * np.log(2 * np.pi) - log_ndtr(-z))
+        below = np.minimum(mu - sigma * ratio, np.nan_to_num(floor))
+        current = np.where(censored, below, y)
+    return best
+
+
 def fit_ridge(
     coarse: np.ndarray,
     residual: np.ndarray,
@@ -195,6 +260,7 @@ def fit_ridge(
     folds: int = 5,
     batch: int = 256,
     cv_cells: int = CV_CELLS,
+    floor: np.ndarray | None = None,
 ) -> RidgeFit:
     """Fit a per-cell ridge from coarse windows to fine pixels.
 
@@ -229,6 +295,11 @@ def fit_ridge(
         On a grid of more cells than this (with windows smaller than the
         grid), the cross-validation scores this many evenly spread cells, a
         fifth of the cost per cell of the final fit each.
+    floor
+        Censored targets (`censored_targets`), of ``residual``'s shape (NaN: no
+        floor): a target at its floor is only known to lie at or below it, as
+        the latent rain of a dry pixel lies at or below zero.  Used where the
+        window is the whole grid; the local windows ignore it.
     """
     stacked = coarse.ndim == 4
     if not stacked:
@@ -285,6 +356,15 @@ def fit_ridge(
     if _is_whole(win):
         scored = every
     alpha = float(grid_alphas[int(np.argmin(sse))])
+    if floor is not None and _is_whole(win):
+        low = floor.reshape(t, n_out, ny, k, nx, k).transpose(0, 2, 4, 1, 3, 5)
+        low = low.reshape(t, ny * nx * q).astype(np.float64)
+        latent = censored_targets(
+            x_all, np.where(valid, r, np.nan).reshape(t, -1), low, edges, alpha
+        )
+        r = latent.reshape(t, ny * nx, q)
+        r_mean = np.nan_to_num(np.nanmean(r, axis=0))
+        r_anom = np.where(valid, r - r_mean, 0.0)
     coef = np.zeros((n_cells, win.shape[1], q))
     for cells, x, y in _groups(x_all, r_anom, win, every, batch):
         u, s, vt = np.linalg.svd(x, full_matrices=False)

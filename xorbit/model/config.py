@@ -160,7 +160,11 @@ class ReslimConfig:
         training window (``TrainOptions.linear_path``).
     linear_half
         The linear path's predictors: every cell of the window (``None``), or
-        the ``(2 h + 1)²`` cells around each cell.
+        the ``(2 h + 1)²`` cells around each cell.  On a window of more than
+        `xorbit.ridge.WHOLE_DOMAIN_MAX` cells, ``None`` lets the fit choose
+        (`xorbit.training.linear.fit_linear_path`: every cell or
+        `xorbit.ridge.LOCAL_HALF`, by blocked cross-validation), and the
+        choice is written here.
     noise_channels
         A stochastic model (`xorbit.model.reslim.Reslim` with noise): this many
         channels of standard normal noise, one value per coarse pixel, enter

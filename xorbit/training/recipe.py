@@ -580,10 +580,13 @@ def run_training(
         dsr.model.linear.clear()
     elif has_linear:
         # closed form, on the training years: the network then trains on what it leaves
-        linear.fit_linear_path(dsr.model, parts[0].data)
-        if opts.cross_fit:  # ... or on what a path that has not seen each year leaves
-            crops = copy.copy(parts[0])
-            crops.data = linear.cross_fitted(dsr.model, parts[0].data, opts.cross_fit)
+        linear.fit_linear_path(dsr.model, parts[0].data, floors=dsr.nonnegative)
+        # ... or on what a path that has not seen each year leaves (cross_fit),
+        # the dry pixels it already predicts dry left alone
+        crops = copy.copy(parts[0])
+        crops.data = linear.network_targets(
+            dsr.model, parts[0].data, opts.cross_fit, dsr.nonnegative
+        )
     return run(crops, val, opts, stop_after)
 
 

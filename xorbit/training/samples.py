@@ -228,7 +228,9 @@ class PairedArrays:
     missing target), ``fine_lat [h k]`` in degrees, ``times`` the labels of T,
     ``periodic`` whether the longitude wraps around (validation tiles it so),
     ``res_km`` the coarse grid's spacing for the resolution embedding (``None``:
-    the model's constant).
+    the model's constant), ``fine_zero [V, h k, w k]`` each output's normalized
+    value of a field of zeros (where a non-negative output is dry; ``None``:
+    unknown).
     """
 
     coarse: np.ndarray | FieldStack
@@ -237,6 +239,7 @@ class PairedArrays:
     times: np.ndarray
     periodic: bool = False
     res_km: float | None = None
+    fine_zero: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.coarse.shape[0]
@@ -314,6 +317,7 @@ def pair_arrays(
         times=np.asarray(times),
         periodic=bool(grid.is_global_longitude(cds[xdim], cds)),
         res_km=grid.spacing_km(cds, ydim, xdim),
+        fine_zero=_zero_normalized(f_arrays, f_names, f_clim, mean, std),
     )
 
 
@@ -364,6 +368,15 @@ def _arranged(arrays, names, time_dim: Hashable, y: Hashable, x: Hashable) -> li
             )
         out.append(a.transpose(*[d for d in (time_dim, y, x) if d in a.dims]))
     return out
+
+
+def _zero_normalized(arrays, names, clim, mean, std) -> np.ndarray:
+    """``[C, h, w]``: a field of zeros of each variable, normalized as `_normalized` does."""
+    out = []
+    for a, n in zip(arrays, names, strict=True):
+        anomaly = -_aligned(clim[n], a) if n in clim else np.zeros(a.shape[-2:])
+        out.append((np.asarray(anomaly, np.float32) - mean[n]) / std[n])
+    return np.stack(out).astype(np.float32)
 
 
 def _aligned(clim: xr.DataArray, a: xr.DataArray) -> np.ndarray:
