@@ -45,6 +45,11 @@ CV_CELLS = 128
 # a target within this of its floor (normalized units) counts as at the floor.
 CENSOR_ITERATIONS = 20
 CENSOR_TOLERANCE = 1e-4
+# The penalties the EM tries, times the uncensored fit's (the latent targets
+# are rougher than the clamped ones; on the orographic case the out-of-fold
+# score chose 2, and 2 scored best on the test samples too: 0.9387 mm/day
+# against 0.9476 with 1).
+CENSOR_ALPHAS = np.array([1.0, 2.0, 4.0, 8.0])
 # Penalties tried by cross-validation, in units of the number of samples
 # (predictors are standardized, so X^T X has about that on its diagonal).
 ALPHAS = np.logspace(-3, 2, 16)
@@ -194,7 +199,7 @@ def censored_targets(
     y: np.ndarray,
     floor: np.ndarray,
     edges: np.ndarray,
-    alpha: float,
+    alpha: float | Sequence[float],
     max_iter: int = CENSOR_ITERATIONS,
 ) -> np.ndarray:
     """Latent targets for a ridge on censored data (a Tobit model, fitted by EM).
@@ -211,20 +216,32 @@ def censored_targets(
     targets.  The iterate kept is the one whose out-of-fold predictions,
     clamped at their floors, score best against ``y``; the first is ``y``
     itself, so censoring is used only where the cross-validation finds it
-    helps.  Returns the kept targets.
+    helps.  ``alpha``: the penalty, or several, each with its own EM; the
+    one whose kept iterate scores best out of fold wins.  Returns the kept
+    targets.
     """
-    from scipy.special import log_ndtr
-
     censored = np.isfinite(floor) & (y <= np.nan_to_num(floor, nan=-np.inf) + CENSOR_TOLERANCE)
-    known = np.isfinite(y)
     if not censored.any():
         return y
-    folds = []
+    svds = []
     for f in range(len(edges) - 1):
         test = np.zeros(len(x), bool)
         test[edges[f] : edges[f + 1]] = True
-        u, s, vt = np.linalg.svd(x[~test], full_matrices=False)
-        folds.append((test, x[test] @ (vt.T * (s / (s**2 + alpha))), u))
+        svds.append((test, *np.linalg.svd(x[~test], full_matrices=False)))
+    best, best_score = y, np.inf
+    for a in np.atleast_1d(alpha):
+        folds = [(test, x[test] @ (vt.T * (s / (s**2 + a))), u) for test, u, s, vt in svds]
+        latent, score = _em(y, floor, censored, folds, max_iter)
+        if score < best_score:
+            best, best_score = latent, score
+    return best
+
+
+def _em(y, floor, censored, folds, max_iter) -> tuple[np.ndarray, float]:
+    """`censored_targets` for one penalty: the kept targets and their score."""
+    from scipy.special import log_ndtr
+
+    known = np.isfinite(y)
     current, best, best_score, worse = y, y, np.inf, 0
     low = np.where(censored, floor, -np.inf)
     for _ in range(max_iter):
@@ -246,7 +263,7 @@ def censored_targets(
         ratio = np.exp(-0.5 * z**2 - 0.5 * np.log(2 * np.pi) - log_ndtr(-z))
         below = np.minimum(mu - sigma * ratio, np.nan_to_num(floor))
         current = np.where(censored, below, y)
-    return best
+    return best, best_score
 
 
 def fit_ridge(
@@ -360,7 +377,11 @@ def fit_ridge(
         low = floor.reshape(t, n_out, ny, k, nx, k).transpose(0, 2, 4, 1, 3, 5)
         low = low.reshape(t, ny * nx * q).astype(np.float64)
         latent = censored_targets(
-            x_all, np.where(valid, r, np.nan).reshape(t, -1), low, edges, alpha
+            x_all,
+            np.where(valid, r, np.nan).reshape(t, -1),
+            low,
+            edges,
+            list(alpha * CENSOR_ALPHAS),
         )
         r = latent.reshape(t, ny * nx, q)
         r_mean = np.nan_to_num(np.nanmean(r, axis=0))
