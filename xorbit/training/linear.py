@@ -98,9 +98,7 @@ def fit_linear_path(
         pick = np.linspace(0, len(positions) - 1, per_time).round().astype(int)
         positions = [positions[i] for i in np.unique(pick)]
     xs, ys, zs = [], [], []
-    zero = data.fine_zero
-    if zero is not None:  # NaN: no floor
-        zero = np.where([[[v in floors]] for v in model.config.out_vars], zero, np.nan)
+    zero = floor_of(data, c.out_vars, floors)
     for t in times:
         every = slice(None)  # one time step, read whole (a FieldStack reads [t, :, y, x])
         coarse = np.asarray(data.coarse[int(t), :, every, every])
@@ -140,6 +138,19 @@ def network_targets(
     return cross_fitted(model, dry_kept(model, data, floors), folds, floors)
 
 
+def floor_of(data: PairedArrays, out_vars: Sequence[str], floors: Sequence[str]) -> Any:
+    """``data.fine_zero`` for the ``floors`` outputs, NaN (no floor) for the others."""
+    if data.fine_zero is None:
+        return None
+    return np.where([[[v in floors]] for v in out_vars], data.fine_zero, np.nan)
+
+
+def _one_window(model: Reslim, data: PairedArrays) -> bool:
+    """Whether the whole grid of ``data`` is one linear window of the model."""
+    c = model.config
+    return c.linear_window is not None and data.coarse.shape[-2:] == tuple(c.linear_window)
+
+
 def dry_kept(model: Reslim, data: PairedArrays, floors: Sequence[str]) -> PairedArrays:
     """``data`` with each dry target of a ``floors`` output that the model's skip
     and path already predict dry (below the floor) moved to that prediction.
@@ -154,16 +165,17 @@ def dry_kept(model: Reslim, data: PairedArrays, floors: Sequence[str]) -> Paired
     grid is one linear window only (else ``data``).
     """
     c = model.config
-    h, w = data.coarse.shape[-2:]
-    whole = c.linear_window is not None and (h, w) == tuple(c.linear_window)
-    if not floors or data.fine_zero is None or not whole or not isinstance(data.fine, np.ndarray):
+    if not (floors and data.fine_zero is not None and _one_window(model, data)):
         return data
+    if not isinstance(data.fine, np.ndarray):  # streamed
+        return data
+    h, w = data.coarse.shape[-2:]
     k = c.factor
     x = torch.from_numpy(np.nan_to_num(np.asarray(data.coarse, dtype=np.float32)))
     with torch.no_grad():
         skip = model.skip(model._pad(x), c.in_vars)[..., : h * k, : w * k]
         base = (skip + model.linear_map(x, c.in_vars)).numpy()
-    zero = np.where([[[v in floors]] for v in c.out_vars], data.fine_zero, np.nan)[None]
+    zero = floor_of(data, c.out_vars, floors)[None]
     dry = (data.fine <= zero + CENSOR_TOLERANCE) & (base < zero)
     if not dry.any():
         return data
@@ -185,9 +197,9 @@ def cross_fitted(
     In-memory data whose whole grid is one linear window only (else ``data``).
     """
     c = model.config
-    h, w = data.coarse.shape[-2:]
-    whole = c.linear_window is not None and (h, w) == tuple(c.linear_window)
-    if folds < 2 or len(data) < 2 * folds or not whole or not isinstance(data.fine, np.ndarray):
+    if folds < 2 or len(data) < 2 * folds or not _one_window(model, data):
+        return data
+    if not isinstance(data.fine, np.ndarray):  # streamed
         return data
     x = torch.from_numpy(np.nan_to_num(np.asarray(data.coarse, dtype=np.float32)))
     with torch.no_grad():
